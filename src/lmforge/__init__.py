@@ -1,0 +1,23 @@
+"""lmforge: Transformer language models from the equations up, on PyTorch.
+
+Public API (everything a user needs is importable from here):
+
+    import lmforge
+    model = lmforge.GPT.from_preset("tiny")          # or lmforge.load_model("gpt2" / a directory)
+    out = model(input_ids, targets)                  # out.logits (B, T, vocab), out.loss
+    model.save_pretrained("my-model")                # transformers.GPT2LMHeadModel loads it
+"""
+
+from lmforge import errors
+from lmforge.checkpoint import checkpoint_info, load_model, save_pretrained
+from lmforge.config import PRESETS, GPTConfig, preset
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
+from lmforge.model import GPT, CausalLMOutput, KVCache, attention_reference, lm_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPT", "GPTConfig", "KVCache", "CausalLMOutput", "PRESETS", "preset", "load_model", "save_pretrained",
+    "checkpoint_info", "attention_reference", "lm_loss", "errors", "LmforgeError", "ConfigError",
+    "CheckpointError", "DataError", "__version__",
+]

@@ -1,0 +1,5 @@
+"""`python -m lmforge ...` (and `torchrun -m lmforge ...`) run the CLI."""
+
+from lmforge.cli import main
+
+raise SystemExit(main())
