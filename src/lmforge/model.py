@@ -43,7 +43,8 @@ def attention_reference(
         scores = scores.masked_fill(~causal, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # Half-precision scores are normalised in fp32, as the fused kernels do.
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     return weights @ v  # (B, H, T, D)
 
 

@@ -1,0 +1,175 @@
+"""The Transformer itself: attention kernels, masks, KV cache, loss, init."""
+
+import math
+
+import pytest
+import torch
+
+from lmforge import GPT, GPTConfig, KVCache, attention_reference, lm_loss, preset
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=61, n_positions=48, n_embd=32, n_layer=2, n_head=4,
+               embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def left_padded_batch(B=3, T=12, vocab=61, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(1, B):
+        mask[b, : 2 * b + 1] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_sdpa_equals_the_reference_equation(is_causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float64) for _ in range(3))
+    ref = attention_reference(q, k, v, is_causal=is_causal)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+    # And by hand for one head and query: softmax(q k^T / sqrt(d)) v.
+    w = torch.softmax(q[0, 0, -1] @ k[0, 0].T / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(ref[0, 0, -1], w @ v[0, 0])
+
+
+def test_model_with_reference_attention_equals_sdpa_model():
+    model = tiny(scale_attn_by_inverse_layer_idx=True)
+    ids, mask, pos = left_padded_batch()
+    with torch.no_grad():
+        fast = model(ids, attention_mask=mask, position_ids=pos).logits
+        plain = model(ids).logits
+        model.set_attention("reference")
+        ref = model(ids, attention_mask=mask, position_ids=pos).logits
+        ref_plain = model(ids).logits
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, ref_plain, rtol=1e-5, atol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    model = tiny()
+    ids = torch.randint(0, 61, (2, 10))
+    changed = ids.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 61
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_left_padding_with_positions_equals_unpadded_rows():
+    model = tiny()
+    ids, mask, pos = left_padded_batch()
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=pos).logits
+        for b in range(ids.size(0)):
+            n = int(mask[b].sum())
+            alone = model(ids[b:b + 1, -n:]).logits
+            torch.testing.assert_close(batch[b:b + 1, -n:], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(batch).all()  # padded rows stay finite too
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_kv_cache_prefill_then_steps_equals_full_forward(padded):
+    model = tiny()
+    ids, mask, pos = left_padded_batch(T=14)
+    if not padded:
+        mask, pos = torch.ones_like(mask), None
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = KVCache.for_model(model, batch_size=ids.size(0), max_length=20)
+        p = 8  # prefill 8 tokens, then a chunk of 3, then 3 single steps
+        steps = [(0, p), (p, p + 3), (p + 3, p + 4), (p + 4, p + 5), (p + 5, 14)]
+        pieces = []
+        for s, e in steps:
+            out = model(ids[:, s:e], attention_mask=mask[:, :e],
+                        position_ids=None if pos is None else pos[:, s:e], kv_cache=cache)
+            pieces.append(out.logits)
+            assert cache.length == e and out.kv_cache is cache
+    keep = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[keep], full[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_is_preallocated_and_written_in_place():
+    model = tiny()
+    cache = KVCache.for_model(model, batch_size=2, max_length=10)
+    k_ptr = cache.k.data_ptr()
+    assert cache.k.shape == (2, 2, 4, 10, 8)
+    with torch.no_grad():
+        model(torch.randint(0, 61, (2, 4)), kv_cache=cache)
+        model(torch.randint(0, 61, (2, 1)), kv_cache=cache)
+    assert cache.k.data_ptr() == k_ptr and cache.length == 5
+    assert cache.k[:, :, :, 5:].abs().sum() == 0 and cache.k[:, :, :, :5].abs().sum() > 0
+    with pytest.raises(ValueError, match="KV cache is full"), torch.no_grad():
+        model(torch.randint(0, 61, (2, 6)), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_length must be in 1..48"):
+        KVCache.for_model(model, 1, 100)
+
+
+def test_kv_cache_reorder_selects_rows():
+    model = tiny()
+    cache = KVCache.for_model(model, batch_size=3, max_length=5)
+    with torch.no_grad():
+        model(torch.randint(0, 61, (3, 2)), kv_cache=cache)
+    before = cache.k.clone()
+    cache.reorder(torch.tensor([2, 2, 0]))
+    torch.testing.assert_close(cache.k[:, 0], before[:, 2])
+    torch.testing.assert_close(cache.k[:, 2], before[:, 0])
+
+
+def test_forward_returns_full_logits_and_the_mean_cross_entropy():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 9))
+    y = torch.randint(0, 61, (2, 9))
+    y[0, :3] = -100
+    out = model(x, y)
+    assert out.logits.shape == (2, 9, 61)
+    logp = torch.log_softmax(out.logits.double(), -1)
+    keep = y != -100
+    expected = -logp[keep].gather(-1, y[keep].unsqueeze(-1)).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-6, atol=1e-6)
+    assert model(x).loss is None
+    torch.testing.assert_close(lm_loss(out.logits, y), out.loss)
+
+
+def test_bad_shapes_raise_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="input_ids must be \\(batch, seq_len\\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the model's context n_positions=48"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_weight_init_follows_gpt2():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", n_layer=8, n_embd=256, n_head=4))
+    std = lambda t: t.float().std().item()  # noqa: E731
+    assert abs(std(model.transformer.wte.weight) - 0.02) < 0.001
+    assert abs(std(model.transformer.h[0].attn.c_attn.weight) - 0.02) < 0.001
+    assert abs(std(model.transformer.h[0].mlp.c_proj.weight) - 0.02 / math.sqrt(16)) < 0.0005
+    assert model.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_untied_head_and_erf_activation_are_supported():
+    model = tiny(tie_word_embeddings=False, activation="gelu")
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert isinstance(model.transformer.h[0].mlp.act, torch.nn.GELU)
+    assert model.transformer.h[0].mlp.act.approximate == "none"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, 61, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny().train()
+        model.gradient_checkpointing = ckpt
+        model(x, x).loss.backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
