@@ -375,13 +375,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+                       "I64": "int64", "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+
+
 def _tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                return {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), f.get_slice(k).get_dtype()))
+                        for k in f.keys()}
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from None
     state = _read_weight_file(path)
