@@ -13,7 +13,7 @@ LAYERS = {
     "errors": 0, "_io": 0, "device": 0,
     "config": 1,
     "model": 2,
-    "checkpoint": 3, "tokenizer": 3, "data": 3,
+    "corpus": 3, "checkpoint": 3, "tokenizer": 3, "char_tokenizer": 3, "data": 3,
     "generation": 4,
     "training": 5,
     "tasks": 6, "metrics": 6,

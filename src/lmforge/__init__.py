@@ -8,11 +8,15 @@ Public API (everything a user needs is importable from here):
     model.save_pretrained("my-model")                # transformers.GPT2LMHeadModel loads it
 """
 
-from lmforge import errors
+from lmforge import errors, metrics
+from lmforge.char_tokenizer import CharTokenizer
 from lmforge.checkpoint import checkpoint_info, load_model, save_pretrained
 from lmforge.config import PRESETS, GPTConfig, preset
+from lmforge.data import TokenDataset, prepare
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
+from lmforge.generation import GenerationConfig
 from lmforge.model import GPT, CausalLMOutput, KVCache, attention_reference, lm_loss
+from lmforge.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -20,4 +24,5 @@ __all__ = [
     "GPT", "GPTConfig", "KVCache", "CausalLMOutput", "PRESETS", "preset", "load_model", "save_pretrained",
     "checkpoint_info", "attention_reference", "lm_loss", "errors", "LmforgeError", "ConfigError",
     "CheckpointError", "DataError", "__version__",
+    "Tokenizer", "CharTokenizer", "TokenDataset", "prepare",
 ]

@@ -47,8 +47,13 @@ _HUB_PATTERNS = [
 # ---- resolving a path or hub name ------------------------------------------------------------
 
 
-def resolve_checkpoint_dir(path_or_name: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a Hugging Face Hub repo id, through huggingface_hub's cache."""
+def resolve_checkpoint_dir(
+    path_or_name: str | os.PathLike, revision: str | None = None, require_weights: bool = True,
+) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub repo id, through huggingface_hub's cache.
+
+    With require_weights=False only config and tokenizer files are fetched (for tokenizer loading).
+    """
     p = Path(path_or_name).expanduser()
     if p.is_dir():
         return p
@@ -57,7 +62,7 @@ def resolve_checkpoint_dir(path_or_name: str | os.PathLike, revision: str | None
     name = str(path_or_name)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise CheckpointError(f"{name}: no such directory (and not a Hugging Face Hub name like 'gpt2' or 'org/model')")
-    return _hub_snapshot(name, revision)
+    return _hub_snapshot(name, revision, require_weights)
 
 
 def _hub_offline() -> bool:
@@ -71,13 +76,13 @@ def _has_weights(directory: Path) -> bool:
     return any((directory / f).exists() for f in WEIGHT_FILES)
 
 
-def _hub_snapshot(name: str, revision: str | None) -> Path:
+def _hub_snapshot(name: str, revision: str | None, require_weights: bool = True) -> Path:
     from huggingface_hub import constants, snapshot_download
 
-    safe = _HUB_PATTERNS + ["*.safetensors", SAFE_INDEX]
+    safe = _HUB_PATTERNS + ["*.safetensors", SAFE_INDEX] if require_weights else _HUB_PATTERNS
     try:
         cached = Path(snapshot_download(name, revision=revision, allow_patterns=safe, local_files_only=True))
-        if _has_weights(cached):
+        if _has_weights(cached) or not require_weights:
             return cached
     except Exception:  # not cached (or partially): fall through to the download, or the offline error
         pass
@@ -89,6 +94,8 @@ def _hub_snapshot(name: str, revision: str | None) -> Path:
         )
     try:
         directory = Path(snapshot_download(name, revision=revision, allow_patterns=safe))
+        if not require_weights:
+            return directory
         if not _has_weights(directory):  # an older repo with only pickled weights
             directory = Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS + ["pytorch_model*.bin", BIN_INDEX]))
     except Exception as e:

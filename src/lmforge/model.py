@@ -336,6 +336,12 @@ class GPT(nn.Module):
         own = torch.arange(S, device=device)[None, :] == q_pos[:, None]
         return mask | own[None, None], False
 
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **options):
+        """Continue prompts (greedy, sampling, beam search); see lmforge.generation.generate."""
+        from lmforge.generation.decode import generate  # generation builds on the model, not the reverse
+
+        return generate(self, input_ids, attention_mask, generation_config, **options)
+
     def save_pretrained(self, directory, max_shard_size: int | str | None = None, tokenizer=None) -> None:
         """Write config.json + model.safetensors that transformers and lmforge both load."""
         from lmforge.checkpoint import save_pretrained  # checkpoint builds on the model, not the reverse

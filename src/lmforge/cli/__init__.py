@@ -15,6 +15,10 @@ from lmforge.errors import LmforgeError
 # Command modules, in the order `lmforge --help` lists them.
 COMMAND_MODULES = [
     "lmforge.cli.info",
+    "lmforge.cli.tokenizer",
+    "lmforge.cli.prepare",
+    "lmforge.cli.generate",
+    "lmforge.cli.evaluate",
 ]
 
 

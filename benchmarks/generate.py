@@ -1,0 +1,230 @@
+"""Generation speed and memory: lmforge vs transformers on the same random GPT-2 weights, same process.
+
+Prints one JSON object per figure: name, value, unit, peer (transformers), ratio, conditions.
+`ratio` is always lmforge's advantage (> 1 means lmforge is better): peer/value for times and
+memory, value/peer for rates. Runs are interleaved (lmforge, transformers, lmforge, ...) and each
+figure is the median of --repeats runs.
+
+    python benchmarks/generate.py                       # GPT-2 small, 32 + 128 tokens, batch 1 and 8, fp32 + bf16
+    python benchmarks/generate.py --quick               # a smoke run (tiny shapes, one repeat)
+
+Time to first token = a generate() call with max_new_tokens=1 (prefill + choosing one token).
+Decode rate = batch * (N - 1) / (time(N new tokens) - time(1 new token)): tokens per second after the
+first, measured the same way for both libraries. The batch-1 bandwidth ceiling is
+copy bandwidth / bytes of weights read per token (every weight once; the tied embedding once, as the
+LM head; one row of the position table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def emit(name: str, value, unit: str, peer=None, ratio=None, **conditions) -> None:
+    print(json.dumps(dict(name=name, value=value, unit=unit, peer=peer, ratio=ratio, conditions=conditions)),
+          flush=True)
+
+
+def copy_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes moved (read + written) per second by a large tensor copy, GB/s: the STREAM "copy" figure."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def build_checkpoint(directory: Path, shape: dict) -> None:
+    """Random GPT-2 weights written by transformers, so both libraries load identical tensors."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(directory)
+
+
+def load_both(directory: Path, dtype: torch.dtype):
+    import lmforge
+    from transformers import GPT2LMHeadModel
+
+    ours = lmforge.load_model(directory, dtype=dtype, device="cpu")
+    theirs = GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).eval()
+    theirs.generation_config.eos_token_id = None  # both run exactly N tokens
+    theirs.generation_config.pad_token_id = 0
+    return ours, theirs
+
+
+def run_once(engine: str, model, ids: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    if engine == "lmforge":
+        out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    else:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, min_new_tokens=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
+    return elapsed
+
+
+def measure_speed(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Interleaved repeats; returns per engine the median TTFT (s) and decode rate (tokens/s)."""
+    times = {engine: {"first": [], "full": []} for engine in models}
+    for engine, model in models.items():  # warm-up (allocator, kernels)
+        run_once(engine, model, ids, 2)
+    for _ in range(repeats):
+        for engine, model in models.items():
+            times[engine]["first"].append(run_once(engine, model, ids, 1))
+            times[engine]["full"].append(run_once(engine, model, ids, new_tokens))
+    out = {}
+    for engine, t in times.items():
+        first, full = statistics.median(t["first"]), statistics.median(t["full"])
+        out[engine] = dict(ttft=first, rate=ids.size(0) * (new_tokens - 1) / max(full - first, 1e-9))
+    return out
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of parameters read to decode one token at batch 1."""
+    element = model.transformer.wte.weight.element_size()
+    params = model.num_parameters() - model.transformer.wpe.weight.numel() + model.config.n_embd
+    return params * element
+
+
+# ---- peak memory, measured in a child process per engine --------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(engine: str, directory: str, dtype: str, batch: int, prompt: int, new_tokens: int) -> None:
+    """Print the peak RSS growth (bytes) during one generate call, sampled every millisecond."""
+    ours, theirs = load_both(Path(directory), DTYPES[dtype])
+    model = ours if engine == "lmforge" else theirs
+    (theirs if engine == "lmforge" else ours).cpu()
+    del ours, theirs
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    run_once(engine, model, ids, new_tokens)
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    print(json.dumps({"peak_growth": peak[0] - base}))
+
+
+def measure_memory(engine: str, directory: Path, dtype: str, batch: int, prompt: int, new_tokens: int,
+                   threads: int) -> int | None:
+    cmd = [sys.executable, __file__, "--memory-child", engine, "--checkpoint", str(directory), "--dtypes", dtype,
+           "--batch-sizes", str(batch), "--prompt-tokens", str(prompt), "--new-tokens", str(new_tokens),
+           "--threads", str(threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        print(f"memory child failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory figures (child processes)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a 4-layer, 256-wide model, 1 repeat")
+    p.add_argument("--memory-child", choices=["lmforge", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    if args.memory_child:
+        memory_child(args.memory_child, args.checkpoint, args.dtypes[0], args.batch_sizes[0],
+                     args.prompt_tokens, args.new_tokens)
+        return 0
+
+    shape = dict(n_layer=12, n_head=12, n_embd=768)  # GPT-2 small, 124M
+    if args.quick:
+        shape = dict(n_layer=4, n_head=4, n_embd=256)
+        args.repeats = min(args.repeats, 1)
+        args.new_tokens = min(args.new_tokens, 16)
+    base = dict(device="cpu", threads=args.threads, torch=torch.__version__, transformers=transformers.__version__,
+                cpu=platform.processor() or platform.machine(), prompt_tokens=args.prompt_tokens,
+                new_tokens=args.new_tokens, decoding="greedy", weights="random", repeats=args.repeats,
+                model=f"gpt2 shape n_layer={shape['n_layer']} n_embd={shape['n_embd']}")
+    bandwidth = copy_bandwidth(args.threads)
+    emit("copy_bandwidth", round(bandwidth, 2), "GB/s", **base)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "gpt2-random"
+        build_checkpoint(directory, shape)
+        for dtype in args.dtypes:
+            ours, theirs = load_both(directory, DTYPES[dtype])
+            models = {"lmforge": ours, "transformers": theirs}
+            per_token = weight_bytes_per_token(ours)
+            for batch in args.batch_sizes:
+                cond = dict(base, dtype=dtype, batch=batch)
+                ids = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_tokens),
+                                    generator=torch.Generator().manual_seed(batch))
+                speed = measure_speed(models, ids, args.new_tokens, args.repeats)
+                us, them = speed["lmforge"], speed["transformers"]
+                emit("decode_tokens_per_s", round(us["rate"], 2), "tokens/s", round(them["rate"], 2),
+                     round(us["rate"] / them["rate"], 3), **cond)
+                emit("time_to_first_token", round(us["ttft"] * 1e3, 2), "ms", round(them["ttft"] * 1e3, 2),
+                     round(them["ttft"] / us["ttft"], 3), **cond)
+                if batch == 1:
+                    ceiling = bandwidth * 1e9 / per_token
+                    emit("decode_fraction_of_bandwidth_ceiling", round(us["rate"] / ceiling, 3), "fraction",
+                         round(them["rate"] / ceiling, 3), round(us["rate"] / them["rate"], 3),
+                         ceiling_tokens_per_s=round(ceiling, 2), weight_bytes_per_token=per_token,
+                         copy_bandwidth_gb_s=round(bandwidth, 2), target=0.85, **cond)
+                if not args.no_memory:
+                    mem = {e: measure_memory(e, directory, dtype, batch, args.prompt_tokens, args.new_tokens,
+                                             args.threads) for e in models}
+                    cache = (2 * ours.config.n_layer * batch * (args.prompt_tokens + args.new_tokens - 1)
+                             * ours.config.n_embd * ours.transformer.wte.weight.element_size())
+                    if mem["lmforge"] is not None:
+                        peer = None if mem["transformers"] is None else round(mem["transformers"] / 2**20, 2)
+                        ratio = None if peer is None or not mem["lmforge"] else round(mem["transformers"] / mem["lmforge"], 3)
+                        emit("peak_memory_growth_during_generate", round(mem["lmforge"] / 2**20, 2), "MiB", peer,
+                             ratio, kv_cache_mib=round(cache / 2**20, 2), measured="RSS sampled every 1 ms", **cond)
+            del ours, theirs, models
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

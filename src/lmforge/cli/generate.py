@@ -1,0 +1,169 @@
+"""`lmforge generate`: continue prompts from a checkpoint (or a random preset) and print them numbered.
+
+    lmforge generate --model gpt2 --prompt "Once upon a time" --max-length 50 --num-return-sequences 5 --do-sample
+    echo "Hello" | lmforge generate --preset tiny --prompt - --stream --seed 0
+
+Generation flags default to unset, so GenerationConfig's defaults apply (they live only there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+RULE = 100 * "-"
+
+# Flags that map one-to-one onto GenerationConfig fields (the name with _ for -).
+_OPTION_FLAGS: dict[str, type] = {
+    "max_length": int, "max_new_tokens": int, "min_new_tokens": int, "temperature": float, "top_k": int,
+    "top_p": float, "repetition_penalty": float, "no_repeat_ngram_size": int, "num_return_sequences": int,
+    "num_beams": int, "length_penalty": float, "seed": int,
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.generation import GenerationConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+    p = subparsers.add_parser(
+        "generate", help="generate text from a prompt (greedy, sampling, beam search, streaming)",
+        description="Continue a prompt with a checkpoint (directory or Hub name) or a randomly initialised "
+                    "preset, and print the numbered generations.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PATH_OR_NAME", help="checkpoint directory or Hub name (e.g. gpt2)")
+    source.add_argument("--preset", metavar="NAME",
+                        help="a randomly initialised preset (e.g. tiny) with the byte-level tokenizer: works offline")
+    p.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--prompt", required=True, help='the prompt text, or "-" to read prompts from stdin, one per line')
+    for name, kind in _OPTION_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"(default: {_describe_default(name, defaults[name])})")
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"], default=None,
+                   help="beam search: stop when num_beams hypotheses are finished (default: false)")
+    p.add_argument("--eos-token-id", type=int, action="append", default=None,
+                   help="stop at this token id (repeatable; default: the model's eos)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--truncate-prompt", action="store_true", default=None,
+                   help="keep only the last prompt tokens when prompt + new tokens exceed the context")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.set_defaults(func=run)
+
+
+def _describe_default(name: str, value: Any) -> str:
+    if name == "max_new_tokens":
+        return "20 when --max-length is not given either"
+    return "unset" if value is None else str(value)
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The GenerationConfig options the user actually gave (None means "use the dataclass default")."""
+    options = {name: getattr(args, name) for name in _OPTION_FLAGS if getattr(args, name) is not None}
+    if args.do_sample:
+        options["do_sample"] = True
+    if args.early_stopping is not None:
+        options["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+    if args.eos_token_id:
+        options["eos_token_id"] = args.eos_token_id
+    if args.stop:
+        options["stop_strings"] = args.stop
+    if args.truncate_prompt:
+        options["truncate_prompt"] = True
+    return options
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) from --model/--tokenizer, or a seeded random --preset with the byte-level tokenizer."""
+    import torch
+
+    from lmforge.tokenizer import Tokenizer
+
+    if args.preset is not None:
+        from lmforge.config import preset
+        from lmforge.device import resolve_device, resolve_dtype
+        from lmforge.model import GPT
+
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
+        config = preset(args.preset, vocab_size=tokenizer.vocab_size,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0 if args.seed is None else args.seed)
+        model = GPT(config).eval().to(device=resolve_device(args.device))
+        dtype = resolve_dtype(args.dtype)
+        return (model if dtype is None else model.to(dtype)), tokenizer
+
+    from lmforge.checkpoint import load_model
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or getattr(model, "checkpoint_dir", None) or args.model)
+    return model, tokenizer
+
+
+def read_prompts(prompt: str) -> list[str]:
+    if prompt != "-":
+        return [prompt]
+    prompts = [line.rstrip("\r\n") for line in sys.stdin]
+    if not prompts:
+        raise ValueError("--prompt -: no prompts on stdin (expected one per line)")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.generation import GenerationConfig
+
+    prompts = read_prompts(args.prompt)
+    options = generation_options(args)
+    GenerationConfig(**options)  # bad options fail here, before a model is loaded
+    model, tokenizer = load(args)
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        print("Output:\n" + RULE)
+        if args.stream:
+            _stream(model, tokenizer, ids, options)
+        else:
+            out = model.generate([ids], None, tokenizer=tokenizer, **options)
+            for i, row in enumerate(out.tolist()):
+                print(f"{i}: {_text(tokenizer, row)}")
+    return 0
+
+
+def _text(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _stream(model: Any, tokenizer: Any, ids: list[int], options: dict[str, Any]) -> None:
+    """Print sequence 0 live; sequences that run ahead of the one on screen are held and printed in
+    order. The tokens are exactly those of the non-streaming run with the same seed."""
+    from lmforge.generation import IncrementalDecoder, stream
+
+    n = options.get("num_return_sequences", 1)
+    if options.get("num_beams", 1) > 1:
+        raise ValueError("--stream works with greedy and sampling decoding, not --num-beams > 1")
+    prompt_text = _text(tokenizer, ids)
+    decoders = [IncrementalDecoder(tokenizer, skip_special_tokens=True) for _ in range(n)]
+    held = [""] * n
+    done = [False] * n
+    shown = 0  # the row being printed live
+    print(f"0: {prompt_text}", end="", flush=True)
+    for step in stream(model, [ids], None, tokenizer=tokenizer, **options):
+        for row, token in enumerate(step.tokens.tolist()):
+            if not done[row]:
+                held[row] += decoders[row].push(token)
+                done[row] = bool(step.finished[row])
+                if done[row]:
+                    held[row] += decoders[row].flush()
+        while shown < n:
+            print(held[shown], end="", flush=True)
+            held[shown] = ""
+            if not done[shown]:
+                break
+            shown += 1
+            print()
+            if shown < n:
+                print(f"{shown}: {prompt_text}", end="", flush=True)

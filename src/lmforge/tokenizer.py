@@ -1,0 +1,565 @@
+"""Tokenizers: GPT-2 byte-level BPE over Hugging Face `tokenizers`, and a character-level tokenizer.
+
+Both (the character tokenizer lives in char_tokenizer.py) share TokenizerBase's interface (encode,
+decode, batch calls with padding and attention masks, special token ids, save_pretrained /
+from_pretrained), so a model directory holds its tokenizer and everything downstream works with either. Byte-level BPE round-trips any string exactly; the
+character tokenizer round-trips any string made of the characters it was trained on.
+
+Files in a directory: tokenizer.json (+ vocab.json, merges.txt, tokenizer_config.json,
+special_tokens_map.json, which transformers' GPT2TokenizerFast also reads) for BPE;
+lmforge_tokenizer.json for the character tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from lmforge._io import write_json_atomic, write_text_atomic
+from lmforge.corpus import Errors, TextSource, iter_source
+from lmforge.errors import CheckpointError, ConfigError, DataError
+
+EOS = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+CHAR_FILE = "lmforge_tokenizer.json"
+_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class BatchEncoding(dict):
+    """The result of `tokenizer(texts, ...)`: a dict ("input_ids", "attention_mask") with attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        """Move tensor values to `device` (as transformers' BatchEncoding.to)."""
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
+class TokenizerBase:
+    """What every lmforge tokenizer offers; subclasses implement the vocabulary-specific parts."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    unk_token: str | None = None
+    pad_token: str | None = None
+    model_max_length: int | None = None
+    padding_side: Literal["left", "right"] = "right"
+
+    # ---- implemented by subclasses
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def id_to_token(self, id: int) -> str | None:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of ids, special tokens included (the model's embedding rows)."""
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids; equal fingerprints encode text identically."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        raise NotImplementedError
+
+    # ---- shared
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings in the text (e.g. "<|endoftext|>") become their
+        special ids, as in transformers; split_special_tokens=True encodes them as plain text."""
+        return self.encode_batch([text], split_special_tokens)[0]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._role_id(self.eos_token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._role_id(self.bos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._role_id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._role_id(self.unk_token)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.token_to_id(t) for t in self.special_tokens]
+
+    def _role_id(self, token: str | None) -> int | None:
+        return None if token is None else self.token_to_id(token)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """Decode each row of a 2-D tensor / array or each list in a list of id lists."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        padding: bool | Literal["longest", "max_length", "do_not_pad"] = False,
+        padding_side: Literal["left", "right"] | None = None,
+        truncation: bool = False,
+        max_length: int | None = None,
+        truncation_side: Literal["left", "right"] = "right",
+        return_tensors: Literal["pt", "np"] | None = None,
+        return_attention_mask: bool = True,
+        split_special_tokens: bool = False,
+    ) -> BatchEncoding:
+        """Encode one text or a batch, as transformers' tokenizer call: "input_ids" and "attention_mask".
+
+        padding=True pads to the longest row, "max_length" to max_length; rows are padded with
+        pad_token_id, or eos_token_id when no pad token is set (the mask marks them as padding).
+        truncation=True cuts rows to max_length (or model_max_length) on truncation_side.
+        return_tensors="pt" gives int64 torch tensors, "np" int64 arrays, None lists.
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigError("the tokenizer takes a string or a list of strings")
+        side = padding_side or self.padding_side
+        if side not in ("left", "right") or truncation_side not in ("left", "right"):
+            raise ConfigError(f"padding_side and truncation_side must be 'left' or 'right', got {side!r}, {truncation_side!r}")
+        rows = self.encode_batch(texts, split_special_tokens)
+        if truncation:
+            limit = max_length if max_length is not None else self.model_max_length
+            if limit is None:
+                raise ConfigError("truncation=True needs max_length (this tokenizer has no model_max_length)")
+            rows = [r[:limit] if truncation_side == "right" else r[max(0, len(r) - limit):] for r in rows]
+        if padding is True or padding == "longest":
+            width = max((len(r) for r in rows), default=0)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ConfigError("padding='max_length' needs max_length")
+            width = max_length
+        elif padding in (False, None, "do_not_pad"):
+            width = None
+        else:
+            raise ConfigError(f"unknown padding {padding!r}: use True, 'longest', 'max_length' or False")
+        masks = [[1] * len(r) for r in rows]
+        if width is not None:
+            pad_id = self.pad_token_id if self.pad_token_id is not None else (self.eos_token_id or 0)
+            for i, r in enumerate(rows):
+                n = max(0, width - len(r))
+                if side == "right":
+                    rows[i], masks[i] = r + [pad_id] * n, masks[i] + [0] * n
+                else:
+                    rows[i], masks[i] = [pad_id] * n + r, [0] * n + masks[i]
+        out: dict[str, Any] = {"input_ids": rows}
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ConfigError("rows have different lengths; pass padding=True to return tensors")
+            if return_tensors == "pt":
+                import torch
+
+                out = {k: torch.tensor(v, dtype=torch.long).reshape(len(rows), -1) for k, v in out.items()}
+            elif return_tensors == "np":
+                out = {k: np.asarray(v, dtype=np.int64).reshape(len(rows), -1) for k, v in out.items()}
+            else:
+                raise ConfigError(f"unknown return_tensors {return_tensors!r}: use 'pt', 'np' or None")
+        elif single:
+            out = {k: v[0] for k, v in out.items()}
+        return BatchEncoding(out)
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
+            raise DataError(f"token id {bad} is out of range for this tokenizer (vocab_size {self.vocab_size}); "
+                            f"the ids come from a different tokenizer or model")
+        return ids
+
+    def _special_config(self) -> dict[str, Any]:
+        return {role: getattr(self, role) for role in _ROLES}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_token={self.eos_token!r}, pad_token={self.pad_token!r})"
+
+
+# ---- byte-level BPE --------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from the 256 byte values to printable characters (the byte-level alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _gpt2_pipeline(model: Any) -> Any:
+    """A tokenizers.Tokenizer with GPT-2's pipeline around `model`: no normalizer (lossless),
+    byte-level pre-tokenizer without prefix space, byte-level decoder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers, processors
+
+    backend = HFTokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+class Tokenizer(TokenizerBase):
+    """Byte-level BPE (GPT-2 format) over a Hugging Face `tokenizers.Tokenizer`.
+
+    Make one with from_pretrained (a directory or Hub name), train (on text or files), or
+    byte_level (256 byte tokens + <|endoftext|>, no merges: the offline default).
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        eos_token: str | None = EOS,
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        model_max_length: int | None = None,
+    ) -> None:
+        self._backend = backend
+        self._ordinary: Any = None  # a copy that encodes special-token strings as plain text
+        self._fingerprint: str | None = None
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        self.eos_token = None if eos_token == EOS and EOS not in vocab else eos_token  # the default, when absent
+        self.bos_token = bos_token if bos_token is not None else self.eos_token  # GPT-2: bos = eos
+        self.pad_token, self.unk_token = pad_token, unk_token
+        for role in _ROLES:
+            token = getattr(self, role)
+            if token is not None and token not in vocab:
+                raise DataError(f"{role} {token!r} is not in the vocabulary; add it as a special token when training")
+        self.model_max_length = model_max_length
+
+    @property
+    def backend(self) -> Any:
+        """The underlying tokenizers.Tokenizer."""
+        return self._backend
+
+    # ---- constructors
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        """256 byte tokens (id = byte value, spelled in GPT-2's byte alphabet) + <|endoftext|> = 256.
+
+        No merges, so every byte is one token: a tokenizer for randomly initialised models that
+        needs no files and round-trips any string.
+        """
+        from tokenizers import AddedToken
+        from tokenizers.models import BPE
+
+        byte_chars = _bytes_to_unicode()
+        vocab = {byte_chars[b]: b for b in range(256)}
+        vocab[EOS] = 256
+        backend = _gpt2_pipeline(BPE(vocab=vocab, merges=[], continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        backend.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
+        return cls(backend, eos_token=EOS)
+
+    @staticmethod
+    def from_pretrained(path_or_name: str | os.PathLike, revision: str | None = None) -> TokenizerBase:
+        """Load the tokenizer of a directory (a model directory, or one written by save_pretrained)
+        or Hugging Face Hub name: tokenizer.json, else vocab.json + merges.txt, else a character
+        tokenizer's lmforge_tokenizer.json. A path to one of those files works too."""
+        directory = _resolve(path_or_name, revision)
+        if isinstance(directory, Path) and directory.is_file():
+            return _load_file(directory)
+        if (directory / CHAR_FILE).is_file():
+            from lmforge.char_tokenizer import CharTokenizer
+
+            return CharTokenizer.from_pretrained(directory)
+        special = _read_special_config(directory)
+        if (directory / TOKENIZER_FILE).is_file():
+            return Tokenizer.from_file(directory / TOKENIZER_FILE, **special)
+        if (directory / VOCAB_FILE).is_file() or (directory / MERGES_FILE).is_file():
+            return Tokenizer.from_vocab_merges(directory / VOCAB_FILE, directory / MERGES_FILE, **special)
+        raise DataError(
+            f"{directory}: no tokenizer found (expected {TOKENIZER_FILE}, {VOCAB_FILE} + {MERGES_FILE}, or {CHAR_FILE}); "
+            f"save one with tokenizer.save_pretrained(dir), or use lmforge.Tokenizer.byte_level() for a new model"
+        )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **special: Any) -> Tokenizer:
+        """Load a tokenizers `tokenizer.json`. Special-token roles default to GPT-2's (<|endoftext|>)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            f"save the tokenizer again") from None
+        return cls(backend, **_default_roles(special, backend.get_vocab(with_added_tokens=True)))
+
+    @classmethod
+    def from_vocab_merges(cls, vocab_file: str | os.PathLike, merges_file: str | os.PathLike, **special: Any) -> Tokenizer:
+        """Load GPT-2-format vocab.json + merges.txt, checking that the two belong together."""
+        from tokenizers import AddedToken
+        from tokenizers.models import BPE
+
+        vocab_file, merges_file = Path(vocab_file), Path(merges_file)
+        for f in (vocab_file, merges_file):
+            if not f.is_file():
+                raise DataError(f"{f}: missing; a GPT-2 tokenizer needs both {VOCAB_FILE} and {MERGES_FILE}")
+        vocab = _read_vocab(vocab_file)
+        merges = _read_merges(merges_file, vocab, vocab_file)
+        backend = _gpt2_pipeline(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        roles = _default_roles(special, vocab, add_eos=True)
+        specials = list(dict.fromkeys(t for t in (roles.get(r) for r in _ROLES) if t is not None))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        return cls(backend, **roles)
+
+    @classmethod
+    def train(
+        cls,
+        source: TextSource,
+        vocab_size: int,
+        *,
+        special_tokens: Sequence[str] = (EOS,),
+        eos_token: str | None = EOS,
+        pad_token: str | None = None,
+        min_frequency: int = 2,
+        field: str = "text",
+        errors: Errors = "strict",
+        show_progress: bool = True,
+    ) -> Tokenizer:
+        """Train a GPT-2-style byte-level BPE with `vocab_size` ids (specials and the 256 bytes included).
+
+        source: a str is the training text itself; Path objects (or a list of them / of globs
+        given as Paths) are text or JSONL files, JSONL read from `field`.
+        """
+        from tokenizers import trainers
+        from tokenizers.models import BPE
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        special_tokens = list(dict.fromkeys([*special_tokens, *(t for t in (eos_token, pad_token) if t)]))
+        if vocab_size < 256 + len(special_tokens):
+            raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
+                              f"{256 + len(special_tokens)} (256 bytes + {len(special_tokens)} special tokens)")
+        backend = _gpt2_pipeline(BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
+            initial_alphabet=ByteLevel.alphabet(), show_progress=show_progress,
+        )
+        pieces = (piece for piece, _ in iter_source(source, field=field, errors=errors))
+        backend.train_from_iterator(pieces, trainer=trainer)
+        return cls(backend, eos_token=eos_token, pad_token=pad_token)
+
+    # ---- the interface
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+        """Ids of each text; the tokenizers library encodes the batch on all cores."""
+        if isinstance(texts, str):
+            raise ConfigError("encode_batch takes a list of strings; use encode for one string")
+        backend = self._ordinary_backend() if split_special_tokens else self._backend
+        # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which ids do not need.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return self._backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, id: int) -> str | None:
+        return self._backend.id_to_token(id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [t.content for t in self._backend.get_added_tokens_decoder().values() if t.special]
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            spec = json.loads(self._backend.to_str())
+            model = spec.get("model", {})
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+            content = {
+                "model": model.get("type"), "vocab": sorted(self._backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]),
+                "merges": merges, "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer"),
+                "specials": sorted(self.special_tokens),
+            }
+            blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
+            self._fingerprint = "bpe-" + hashlib.sha256(blob).hexdigest()[:32]
+        return self._fingerprint
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and
+        special_tokens_map.json (each atomically): lmforge and transformers' GPT2TokenizerFast load them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = json.loads(self._backend.to_str())
+        write_text_atomic(directory / TOKENIZER_FILE, self._backend.to_str(pretty=True))
+        model = spec.get("model", {})
+        if model.get("type") == "BPE" and not any(" " in t for t in model.get("vocab", {})):
+            vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+            write_text_atomic(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False) + "\n")
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+            write_text_atomic(directory / MERGES_FILE, "\n".join(["#version: 0.2", *merges]) + "\n")
+        roles = self._special_config()
+        config = {
+            "tokenizer_class": "GPT2Tokenizer", **roles, "add_prefix_space": False, "add_bos_token": False,
+            "clean_up_tokenization_spaces": False, "errors": "replace",
+            "model_max_length": self.model_max_length if self.model_max_length is not None else int(1e30),
+        }
+        write_json_atomic(directory / CONFIG_FILE, config)
+        write_json_atomic(directory / SPECIAL_TOKENS_FILE, {k: v for k, v in roles.items() if v is not None})
+        stale = directory / CHAR_FILE  # would shadow these files on load
+        if stale.is_file():
+            stale.unlink()
+        return directory
+
+    def _ordinary_backend(self) -> Any:
+        if self._ordinary is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            ordinary = HFTokenizer.from_str(self._backend.to_str())
+            ordinary.encode_special_tokens = True
+            self._ordinary = ordinary
+        return self._ordinary
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_backend"] = self._backend.to_str()
+        state["_ordinary"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        state["_backend"] = HFTokenizer.from_str(state["_backend"])
+        self.__dict__.update(state)
+
+
+# ---- helpers for loading ---------------------------------------------------------------------
+
+
+def _resolve(path_or_name: str | os.PathLike, revision: str | None) -> Path:
+    p = Path(path_or_name).expanduser()
+    if p.is_file() or p.is_dir():
+        return p
+    from lmforge.checkpoint import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(path_or_name, revision, require_weights=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"tokenizer: {e}") from None
+
+
+def _load_file(path: Path) -> TokenizerBase:
+    if path.name == CHAR_FILE:
+        from lmforge.char_tokenizer import CharTokenizer
+
+        return CharTokenizer.from_pretrained(path)
+    if path.name in (VOCAB_FILE, MERGES_FILE):
+        return Tokenizer.from_vocab_merges(path.with_name(VOCAB_FILE), path.with_name(MERGES_FILE), **_read_special_config(path.parent))
+    if path.suffix == ".json":
+        return Tokenizer.from_file(path, **_read_special_config(path.parent))
+    raise DataError(f"{path}: not a tokenizer file; pass a directory, {TOKENIZER_FILE}, {VOCAB_FILE} or {CHAR_FILE}")
+
+
+def _read_special_config(directory: Path) -> dict[str, Any]:
+    """Special-token roles and model_max_length from tokenizer_config.json / special_tokens_map.json."""
+    out: dict[str, Any] = {}
+    for name in (SPECIAL_TOKENS_FILE, CONFIG_FILE):  # the config file wins
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+        for role in _ROLES:
+            if role in spec:
+                value = spec[role]
+                out[role] = value.get("content") if isinstance(value, dict) else value
+        if isinstance(spec.get("model_max_length"), int) and spec["model_max_length"] < 1e12:
+            out["model_max_length"] = spec["model_max_length"]
+    return out
+
+
+def _default_roles(special: dict[str, Any], vocab: dict[str, int], add_eos: bool = False) -> dict[str, Any]:
+    """GPT-2's convention when a role is not configured: <|endoftext|> is eos (and bos)."""
+    roles = dict(special)
+    if "eos_token" not in roles and (add_eos or EOS in vocab):
+        roles["eos_token"] = EOS
+    if "bos_token" not in roles:
+        roles["bos_token"] = roles.get("eos_token")
+    return roles
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); the vocab file is corrupt") from None
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in vocab.items()):
+        raise DataError(f"{path}: expected a JSON object mapping tokens to non-negative integer ids")
+    if len(set(vocab.values())) != len(vocab):
+        raise DataError(f"{path}: several tokens share one id; the vocab file is corrupt")
+    return vocab
+
+
+def _read_merges(path: Path, vocab: dict[str, int], vocab_file: Path) -> list[tuple[str, str]]:
+    """Merges as pairs; every merge's two parts and its result must be in the vocab (else the two
+    files come from different tokenizers, which the tokenizers library would not catch cleanly)."""
+    merges: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if (lineno == 1 and line.startswith("#version")) or not line:
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise DataError(f"{path}:{lineno}: expected two tokens separated by one space, got {line!r}")
+            a, b = parts
+            for token in (a, b, a + b):
+                if token not in vocab:
+                    raise DataError(f"{path}:{lineno}: merge {line!r} needs token {token!r}, which is not in {vocab_file}; "
+                                    f"{MERGES_FILE} and {VOCAB_FILE} come from different tokenizers")
+            merges.append((a, b))
+    return merges
