@@ -60,11 +60,14 @@ def build_checkpoint(directory: Path, shape: dict) -> None:
     GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(directory)
 
 
-def load_both(directory: Path, dtype: torch.dtype):
+def load_both(directory: Path, dtype: torch.dtype, layout: str = "as-loaded"):
     import lmforge
     from transformers import GPT2LMHeadModel
 
     ours = lmforge.load_model(directory, dtype=dtype, device="cpu")
+    if layout == "column-major-head":  # experiment: store the tied LM head / embedding column-major
+        with torch.no_grad():
+            ours.lm_head.weight.data = ours.lm_head.weight.data.t().contiguous().t()
     theirs = GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).eval()
     theirs.generation_config.eos_token_id = None  # both run exactly N tokens
     theirs.generation_config.pad_token_id = 0
@@ -115,13 +118,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(engine: str, directory: str, dtype: str, batch: int, prompt: int, new_tokens: int) -> None:
-    """Print the peak RSS growth (bytes) during one generate call, sampled every millisecond."""
-    ours, theirs = load_both(Path(directory), DTYPES[dtype])
+def memory_child(engine: str, directory: str, dtype: str, batch: int, prompt: int, new_tokens: int,
+                 layout: str) -> None:
+    """Print the peak RSS growth (bytes) during one generate call, sampled every millisecond, after a
+    tiny warm-up call (so one-time library buffers do not count)."""
+    ours, theirs = load_both(Path(directory), DTYPES[dtype], layout)
     model = ours if engine == "lmforge" else theirs
-    (theirs if engine == "lmforge" else ours).cpu()
     del ours, theirs
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    run_once(engine, model, ids[:1, :4], 2)  # a different, tiny request: library set-up, little to reuse
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()
@@ -141,10 +146,10 @@ def memory_child(engine: str, directory: str, dtype: str, batch: int, prompt: in
 
 
 def measure_memory(engine: str, directory: Path, dtype: str, batch: int, prompt: int, new_tokens: int,
-                   threads: int) -> int | None:
+                   threads: int, layout: str) -> int | None:
     cmd = [sys.executable, __file__, "--memory-child", engine, "--checkpoint", str(directory), "--dtypes", dtype,
            "--batch-sizes", str(batch), "--prompt-tokens", str(prompt), "--new-tokens", str(new_tokens),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--layout", layout]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         print(f"memory child failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory figures (child processes)")
     p.add_argument("--quick", action="store_true", help="smoke run: a 4-layer, 256-wide model, 1 repeat")
+    p.add_argument("--layout", choices=["as-loaded", "column-major-head"], default="as-loaded",
+                   help="lmforge weight layout: as load_model gives it, or (an experiment) with the tied LM "
+                        "head / embedding stored column-major")
     p.add_argument("--memory-child", choices=["lmforge", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -172,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     if args.memory_child:
         memory_child(args.memory_child, args.checkpoint, args.dtypes[0], args.batch_sizes[0],
-                     args.prompt_tokens, args.new_tokens)
+                     args.prompt_tokens, args.new_tokens, args.layout)
         return 0
 
     shape = dict(n_layer=12, n_head=12, n_embd=768)  # GPT-2 small, 124M
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(device="cpu", threads=args.threads, torch=torch.__version__, transformers=transformers.__version__,
                 cpu=platform.processor() or platform.machine(), prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens, decoding="greedy", weights="random", repeats=args.repeats,
+                layout=args.layout,
                 model=f"gpt2 shape n_layer={shape['n_layer']} n_embd={shape['n_embd']}")
     bandwidth = copy_bandwidth(args.threads)
     emit("copy_bandwidth", round(bandwidth, 2), "GB/s", **base)
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(tmp) / "gpt2-random"
         build_checkpoint(directory, shape)
         for dtype in args.dtypes:
-            ours, theirs = load_both(directory, DTYPES[dtype])
+            ours, theirs = load_both(directory, DTYPES[dtype], args.layout)
             models = {"lmforge": ours, "transformers": theirs}
             per_token = weight_bytes_per_token(ours)
             for batch in args.batch_sizes:
@@ -214,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                          copy_bandwidth_gb_s=round(bandwidth, 2), target=0.85, **cond)
                 if not args.no_memory:
                     mem = {e: measure_memory(e, directory, dtype, batch, args.prompt_tokens, args.new_tokens,
-                                             args.threads) for e in models}
+                                             args.threads, args.layout) for e in models}
                     cache = (2 * ours.config.n_layer * batch * (args.prompt_tokens + args.new_tokens - 1)
                              * ours.config.n_embd * ours.transformer.wte.weight.element_size())
                     if mem["lmforge"] is not None:
                         peer = None if mem["transformers"] is None else round(mem["transformers"] / 2**20, 2)
-                        ratio = None if peer is None or not mem["lmforge"] else round(mem["transformers"] / mem["lmforge"], 3)
+                        ratio = (None if peer is None or not mem["lmforge"]
+                                 else round(mem["transformers"] / mem["lmforge"], 3))
                         emit("peak_memory_growth_during_generate", round(mem["lmforge"] / 2**20, 2), "MiB", peer,
                              ratio, kv_cache_mib=round(cache / 2**20, 2), measured="RSS sampled every 1 ms", **cond)
             del ours, theirs, models

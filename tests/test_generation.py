@@ -8,10 +8,8 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.generation import (
-    GenerationConfig, IncrementalDecoder, generate, resolve_config, stream, stream_text,
-)
-from lmforge.generation.decode import _Forward
+from lmforge.generation import GenerationConfig, IncrementalDecoder, resolve_config, stream, stream_text
+from lmforge.generation.decode import Forward
 from conftest import hf_gpt2
 
 pytest.importorskip("transformers")
@@ -180,8 +178,8 @@ def test_static_shape_step_equals_dynamic_step(models, padded):
     mask = mask if padded else None
     max_length = ids.size(1) + 6
     with torch.inference_mode():
-        dynamic = _Forward(model, 3, max_length, mask, "dynamic")
-        static = _Forward(model, 3, max_length, mask, "static")
+        dynamic = Forward(model, 3, max_length, mask, "dynamic")
+        static = Forward(model, 3, max_length, mask, "static")
         a, b = dynamic.prefill(ids, mask), static.prefill(ids, mask)
         for _ in range(5):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -342,6 +340,17 @@ def test_stop_strings_end_generation_once_the_string_overlaps_the_newest_token(b
         byte_model.generate([[65]], max_new_tokens=3, stop_strings="x")
 
 
+def test_stop_strings_match_across_token_boundaries_and_multibyte_characters():
+    from lmforge.generation.decode import StopStrings
+
+    tok = ByteTokenizer()
+    stop = StopStrings(["\u4e16", "stop"], tok)
+    rows = [tok.encode("a \u4e16"), tok.encode("xx stop"), tok.encode("stopped"), tok.encode("a \u4e16")[:-1]]
+    width = max(map(len, rows))
+    batch = torch.tensor([[32] * (width - len(r)) + r for r in rows])
+    assert stop.hits(batch).tolist() == [True, True, False, False]
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
@@ -417,11 +426,12 @@ def test_cli_preset_prints_numbered_generations_offline(capsys):
     from lmforge.cli import main
 
     args = ["generate", "--preset", "tiny", "--prompt", "Hello", "--max-length", "30",
-            "--num-return-sequences", "3", "--do-sample", "--seed", "0"]
+            "--num-return-sequences", "3", "--seed", "0"]  # several sequences imply --do-sample
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "Output:" and set(lines[1]) == {"-"}
     assert len(lines) == 5 and [line[:8] for line in lines[2:]] == ["0: Hello", "1: Hello", "2: Hello"]
+    assert len(set(lines[2:])) == 3  # sampled, not three greedy copies
     assert main(args) == 0 and capsys.readouterr().out.splitlines() == lines  # --seed: reproducible
 
 
@@ -475,6 +485,7 @@ def test_cli_bad_input_prints_one_line_and_exits_nonzero(capsys, flags, needle):
 def test_compiled_decode_step_gives_the_same_tokens(models):
     """compile=True (torch.compile of the static step; CUDA graphs on GPU). About a minute on CPU."""
     _, model = models
-    ids, mask = padded_batch(model.config.vocab_size)
-    eager = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], compile=True), eager)
+    for seed in (0, 1):  # the second request reuses the compiled step's cache buffers
+        ids, mask = padded_batch(model.config.vocab_size, seed=seed)
+        eager = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], compile=True), eager)

@@ -108,7 +108,8 @@ def test_suppress_tokens_and_min_new_tokens_match_transformers():
 
 
 @settings(max_examples=40, deadline=None)
-@given(scores_and_ids(), st.integers(0, 8), st.floats(0.1, 1.0), st.floats(0.2, 3.0), st.floats(0.5, 2.0), st.integers(0, 3))
+@given(scores_and_ids(), st.integers(0, 8), st.floats(0.1, 1.0), st.floats(0.2, 3.0), st.floats(0.5, 2.0),
+       st.integers(0, 3))
 def test_composed_processor_equals_transformers_list(data, top_k, top_p, temperature, penalty, ngram):
     """The whole chain, in transformers' order, for a sampling config."""
     scores, ids = data

@@ -24,5 +24,5 @@ __all__ = [
     "GPT", "GPTConfig", "KVCache", "CausalLMOutput", "PRESETS", "preset", "load_model", "save_pretrained",
     "checkpoint_info", "attention_reference", "lm_loss", "errors", "LmforgeError", "ConfigError",
     "CheckpointError", "DataError", "__version__",
-    "Tokenizer", "CharTokenizer", "TokenDataset", "prepare",
+    "Tokenizer", "CharTokenizer", "TokenDataset", "prepare", "GenerationConfig", "metrics",
 ]

@@ -96,9 +96,13 @@ class KVCache:
         self.length += n
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select/reorder batch rows in place (beam search keeps the surviving beams)."""
-        self.k.copy_(self.k.index_select(1, index))
-        self.v.copy_(self.v.index_select(1, index))
+        """Select/reorder batch rows in place (beam search keeps the surviving beams).
+
+        Only the filled positions are copied, not the whole preallocated buffer.
+        """
+        n = self.length
+        self.k[:, :, :, :n] = self.k[:, :, :, :n].index_select(1, index)
+        self.v[:, :, :, :n] = self.v[:, :, :, :n].index_select(1, index)
 
     def reset(self) -> None:
         self.length = 0

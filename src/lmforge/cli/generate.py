@@ -15,11 +15,20 @@ from typing import Any
 
 RULE = 100 * "-"
 
-# Flags that map one-to-one onto GenerationConfig fields (the name with _ for -).
-_OPTION_FLAGS: dict[str, type] = {
-    "max_length": int, "max_new_tokens": int, "min_new_tokens": int, "temperature": float, "top_k": int,
-    "top_p": float, "repetition_penalty": float, "no_repeat_ngram_size": int, "num_return_sequences": int,
-    "num_beams": int, "length_penalty": float, "seed": int,
+# Flags that map one-to-one onto GenerationConfig fields (the name with _ for -): type, help.
+_OPTION_FLAGS: dict[str, tuple[type, str]] = {
+    "max_length": (int, "total length, prompt included"),
+    "max_new_tokens": (int, "tokens to generate after the prompt (wins over --max-length)"),
+    "min_new_tokens": (int, "do not stop at eos before this many new tokens"),
+    "temperature": (float, "sampling temperature, > 0"),
+    "top_k": (int, "sample from the k most likely tokens (0: all)"),
+    "top_p": (float, "sample from the smallest set of tokens with this much probability, in (0, 1]"),
+    "repetition_penalty": (float, "> 1 discourages tokens already present"),
+    "no_repeat_ngram_size": (int, "never repeat an n-gram of this size (0: off)"),
+    "num_return_sequences": (int, "generations per prompt; more than one without --num-beams implies --do-sample"),
+    "num_beams": (int, "beam search with this many beams (1: off)"),
+    "length_penalty": (float, "beam search: score / length ** this"),
+    "seed": (int, "seed for sampling (and for --preset's random weights)"),
 }
 
 
@@ -38,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a randomly initialised preset (e.g. tiny) with the byte-level tokenizer: works offline")
     p.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--prompt", required=True, help='the prompt text, or "-" to read prompts from stdin, one per line')
-    for name, kind in _OPTION_FLAGS.items():
+    for name, (kind, text) in _OPTION_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"(default: {_describe_default(name, defaults[name])})")
+                       help=f"{text} (default: {_describe_default(name, defaults[name])})")
     p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
     p.add_argument("--early-stopping", choices=["true", "false", "never"], default=None,
                    help="beam search: stop when num_beams hypotheses are finished (default: false)")
@@ -67,6 +76,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {name: getattr(args, name) for name in _OPTION_FLAGS if getattr(args, name) is not None}
     if args.do_sample:
         options["do_sample"] = True
+    if options.get("num_return_sequences", 1) > 1 and options.get("num_beams", 1) == 1:
+        options["do_sample"] = True  # several greedy sequences would be identical (as the classic GPT-2 example)
     if args.early_stopping is not None:
         options["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
     if args.eos_token_id:
@@ -119,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompt)
     options = generation_options(args)
-    GenerationConfig(**options)  # bad options fail here, before a model is loaded
+    config = GenerationConfig(**options)  # bad options fail here, before a model is loaded
+    if args.stream and config.is_beam_search:
+        raise ValueError("--stream works with greedy and sampling decoding, not --num-beams > 1")
     model, tokenizer = load(args)
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
@@ -143,8 +156,6 @@ def _stream(model: Any, tokenizer: Any, ids: list[int], options: dict[str, Any])
     from lmforge.generation import IncrementalDecoder, stream
 
     n = options.get("num_return_sequences", 1)
-    if options.get("num_beams", 1) > 1:
-        raise ValueError("--stream works with greedy and sampling decoding, not --num-beams > 1")
     prompt_text = _text(tokenizer, ids)
     decoders = [IncrementalDecoder(tokenizer, skip_special_tokens=True) for _ in range(n)]
     held = [""] * n

@@ -4,10 +4,9 @@
     for piece in stream_text(model, tokenizer, "Once upon a time", max_new_tokens=50): print(piece, end="")
 """
 
+from lmforge.generation.beam import beam_search
 from lmforge.generation.config import GenerationConfig
-from lmforge.generation.decode import (
-    DecodeStep, Decoder, GenerationOutput, beam_search, generate, resolve_config,
-)
+from lmforge.generation.decode import DecodeStep, Decoder, GenerationOutput, generate, resolve_config
 from lmforge.generation.sampling import (
     apply_repetition_penalty, apply_temperature, ban_repeated_ngrams, greedy_token, make_logits_processor,
     sample_token, suppress_tokens, top_k_filter, top_p_filter,

@@ -53,7 +53,8 @@ class GenerationConfig:
     output_scores: bool = False
     output_logits: bool = False
     # lmforge additions: drop the oldest prompt tokens to fit the context instead of failing, and
-    # decode with a static-shape step under torch.compile (CUDA graphs on GPU, as in gpt-fast).
+    # decode with a static-shape step under torch.compile (CUDA graphs on GPU, as in gpt-fast; the
+    # first call per shape compiles for tens of seconds; checked on CPU, not yet measured on a GPU).
     truncate_prompt: bool = False
     compile: bool = False
 
@@ -107,7 +108,9 @@ class GenerationConfig:
             if not isinstance(self.stop_strings, (list, tuple)) or not all(
                 isinstance(s, str) and s for s in self.stop_strings
             ):
-                raise ConfigError(f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}")
+                raise ConfigError(
+                    f"stop_strings must be a non-empty string or a list of them, got {self.stop_strings!r}"
+                )
             self.stop_strings = list(self.stop_strings)
 
     @property

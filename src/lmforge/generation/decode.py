@@ -1,13 +1,15 @@
-"""Decoding loops over a preallocated KV cache: greedy, sampling, beam search (and beam sampling).
+"""Decoding over a preallocated KV cache: request checks, forward passes, greedy and sampling loops.
 
 One prefill pass runs the whole (left-padded) prompt; after that each step feeds one token per row.
 The cache, the output id buffer and the attention mask are allocated once, sized from the request
 (batch x max length), and written in place. Only the last position goes through the LM head.
 Results are token-identical to transformers' `generate` for the same weights and options.
+Beam search (beam.py) reuses the request checks and forward passes defined here.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
 
@@ -17,9 +19,6 @@ import torch.nn.functional as F
 from lmforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, check_option_names
 from lmforge.generation.sampling import greedy_token, make_logits_processor, sample_token
 from lmforge.model import GPT, KVCache
-
-_BIG_NEGATIVE = -1.0e9  # beam search's "impossible" score, as in transformers (keeps arithmetic finite)
-
 
 @dataclass
 class GenerationOutput:
@@ -51,7 +50,7 @@ class DecodeStep:
 
 
 @dataclass
-class _Request:
+class Request:
     """A validated, expanded prompt and the lengths and special ids that decoding needs."""
 
     input_ids: torch.Tensor  # (B * expand, L), long, on the model's device
@@ -94,6 +93,8 @@ def generate(
     `decode(ids)`) is needed only for stop_strings."""
     config = resolve_config(model, generation_config, **options)
     if config.is_beam_search:
+        from lmforge.generation.beam import beam_search  # beam.py builds on this module
+
         return beam_search(model, input_ids, attention_mask, config, tokenizer=tokenizer)
     decoder = Decoder(model, input_ids, attention_mask, config, tokenizer=tokenizer)
     for _ in decoder:
@@ -106,7 +107,7 @@ def generate(
 
 def prepare_request(
     model: GPT, input_ids: Any, attention_mask: Any, config: GenerationConfig, expand: int,
-) -> _Request:
+) -> Request:
     """Check the prompt against the model (vocabulary, context), fill an empty prompt with bos, fix
     the total length, and repeat each row `expand` times (samples or beams per prompt)."""
     device = model.device
@@ -134,46 +135,51 @@ def prepare_request(
         if bool((mask == 1).all()):
             mask = None
 
-    prompt_length = ids.size(1)
-    if config.max_new_tokens is not None:
-        new_tokens = config.max_new_tokens
-    elif config.max_length is not None:
-        new_tokens = config.max_length - prompt_length
-        if new_tokens <= 0:
-            raise ValueError(
-                f"the prompt has {prompt_length} tokens but max_length is {config.max_length}; "
-                "raise max_length or set max_new_tokens instead"
-            )
-    else:
-        new_tokens = max(0, min(DEFAULT_MAX_NEW_TOKENS, context - prompt_length))
-    if prompt_length + new_tokens > context or prompt_length >= context:
+    new_tokens = _new_tokens(ids.size(1), config, context)
+    if ids.size(1) + new_tokens > context or ids.size(1) >= context:
         keep = context - max(new_tokens, 1)
         if not config.truncate_prompt or keep < 1:
             raise ValueError(
-                f"prompt of {prompt_length} tokens + {new_tokens} new tokens exceeds the model's context "
+                f"prompt of {ids.size(1)} tokens + {new_tokens} new tokens exceeds the model's context "
                 f"(n_positions={context}); shorten the prompt, lower max_new_tokens/max_length, "
                 "or pass truncate_prompt=True to keep only the last tokens of the prompt"
             )
         ids = ids[:, -keep:]
         mask = None if mask is None else mask[:, -keep:]
-        prompt_length = keep
-        new_tokens = min(new_tokens, context - keep)
 
     eos = config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     if expand > 1:
         ids = ids.repeat_interleave(expand, dim=0)
         mask = None if mask is None else mask.repeat_interleave(expand, dim=0)
-    return _Request(ids, mask, prompt_length + new_tokens, eos, pad, ids.size(0) // expand)
+    return Request(ids, mask, ids.size(1) + new_tokens, eos, pad, ids.size(0) // expand)
+
+
+def _new_tokens(prompt_length: int, config: GenerationConfig, context: int) -> int:
+    """How many tokens to generate: max_new_tokens, else max_length - prompt, else 20 (within the context)."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is not None:
+        if config.max_length <= prompt_length:
+            raise ValueError(
+                f"the prompt has {prompt_length} tokens but max_length is {config.max_length}; "
+                "raise max_length or set max_new_tokens instead"
+            )
+        return config.max_length - prompt_length
+    return max(0, min(DEFAULT_MAX_NEW_TOKENS, context - prompt_length))
 
 
 def _as_2d_long(x: Any, name: str) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.long)
+    try:
+        t = x if isinstance(x, torch.Tensor) else torch.tensor(x)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} must be a tensor or equal-length lists of token ids (left-pad ragged "
+                         f"prompts and pass attention_mask): {e}") from None
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2:
         raise ValueError(f"{name} must be (batch, length) or (length,), got shape {tuple(t.shape)}")
-    if t.is_floating_point() or t.is_complex():
+    if t.numel() and (t.is_floating_point() or t.is_complex()):
         raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
     return t.long()
 
@@ -198,7 +204,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 StepMode = Literal["dynamic", "static", "compiled"]
 
 
-class _Forward:
+class Forward:
     """Prefill and one-token decode steps over a request's KV cache; logits of the last position only.
 
     Keeps the attention mask and position ids of left-padded batches in preallocated buffers.
@@ -212,13 +218,17 @@ class _Forward:
     ) -> None:
         self.model = model
         # The last token is never fed back, so the cache needs one position fewer than the output.
-        self.cache = KVCache.for_model(model, batch_size, max(1, max_length - 1))
+        cache_length = max(1, max_length - 1)
         static = mode != "dynamic"
         self.mask: torch.Tensor | None = None
-        if mask is not None or static:
-            self.mask = torch.ones(batch_size, self.cache.max_length, dtype=torch.bool, device=model.device)
-            if mask is not None:
-                self.mask[:, : mask.size(1)] = mask.bool()
+        if mode == "compiled":
+            self.cache, self.mask = _compiled_buffers(model, batch_size, cache_length)
+        else:
+            self.cache = KVCache.for_model(model, batch_size, cache_length)
+            if mask is not None or static:
+                self.mask = torch.ones(batch_size, cache_length, dtype=torch.bool, device=model.device)
+        if mask is not None:
+            self.mask[:, : mask.size(1)] = mask.bool()
         self.next_position: torch.Tensor | None = None
         self.static = _StaticStep(model, self.cache, self.mask, compile=mode == "compiled") if static else None
 
@@ -264,12 +274,13 @@ class _StaticStep:
     """
 
     def __init__(self, model: GPT, cache: KVCache, valid: torch.Tensor, compile: bool) -> None:
+        global _compiled_step
         self.model, self.cache, self.valid = model, cache, valid
         self.fn = _static_decode_step
         if compile:
-            for buffer in (cache.k, cache.v, valid):  # updated in place: CUDA graphs must not copy them
-                torch._dynamo.mark_static_address(buffer)
-            self.fn = torch.compile(_static_decode_step, mode="reduce-overhead", fullgraph=True)
+            if _compiled_step is None:
+                _compiled_step = torch.compile(_static_decode_step, mode="reduce-overhead", fullgraph=True)
+            self.fn = _compiled_step
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         index = self.cache.length
@@ -278,6 +289,31 @@ class _StaticStep:
         logits = self.fn(self.model, self.cache.k, self.cache.v, self.valid, tokens[:, None], positions, write_at)
         self.cache.advance(1)
         return logits.clone()  # a CUDA graph overwrites its output on the next replay
+
+
+# compile=True: one compiled step function, and per model and shape one set of cache and mask
+# buffers kept across calls. CUDA graphs replay on fixed addresses, so fresh buffers per request
+# would mean a recompile per request. Cache lengths are rounded up to a bucket to bound the shapes.
+# Hence two compiled generations of the same model and shape must not be interleaved (two streams).
+_compiled_step: Any = None
+_compiled_cache: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
+_COMPILED_BUCKET = 256
+
+
+def _compiled_buffers(model: GPT, batch_size: int, length: int) -> tuple[KVCache, torch.Tensor]:
+    length = min(model.config.n_positions, -(-length // _COMPILED_BUCKET) * _COMPILED_BUCKET)
+    buffers = _compiled_cache.setdefault(model, {})
+    key = (batch_size, length, model.dtype, model.device)
+    if key not in buffers:
+        cache = KVCache.for_model(model, batch_size, length)
+        valid = torch.ones(batch_size, length, dtype=torch.bool, device=model.device)
+        for buffer in (cache.k, cache.v, valid):  # updated in place: CUDA graphs must not copy them
+            torch._dynamo.mark_static_address(buffer)
+        buffers[key] = (cache, valid)
+    cache, valid = buffers[key]
+    cache.reset()
+    valid.fill_(True)
+    return cache, valid
 
 
 def _static_decode_step(
@@ -331,8 +367,8 @@ class Decoder:
         self.process = make_logits_processor(
             config, prompt_length=L, eos_token_ids=req.eos, ignore_before=ignore, min_tokens_to_keep=1,
         )
-        self.generator = _generator(config.seed, model.device)
-        self.stop = _StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
+        self.generator = make_generator(config.seed, model.device)
+        self.stop = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
         self.scores: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
@@ -344,7 +380,7 @@ class Decoder:
         # inference_mode is entered per step, never across a yield: the caller's code between steps
         # must not run in it.
         with torch.inference_mode():
-            forward = _Forward(self.model, req.input_ids.size(0), req.max_length, req.attention_mask,
+            forward = Forward(self.model, req.input_ids.size(0), req.max_length, req.attention_mask,
                                "compiled" if self.config.compile else "dynamic")
             step = self._advance(forward.prefill(req.input_ids, req.attention_mask))
         while True:
@@ -396,14 +432,14 @@ class Decoder:
         )
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A private generator when a seed is given; otherwise torch's global one (as transformers)."""
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class _StopStrings:
+class StopStrings:
     """Stop when a stop string appears in the decoded text and overlaps the newest token (the
     semantics of transformers' StopStringCriteria, checked on decoded text instead of the vocab)."""
 
@@ -424,157 +460,11 @@ class _StopStrings:
             if not wanted:
                 continue
             text = self.tokenizer.decode(tail)
-            before = len(self.tokenizer.decode(tail[:-1]))
+            # Text before the newest token; an incomplete character there (U+FFFD) is what it completes.
+            before = len(self.tokenizer.decode(tail[:-1]).rstrip("\ufffd"))
             for s in self.strings:
                 start = text.find(s, max(0, before - len(s) + 1))
                 if start != -1 and start + len(s) > before:
                     out[i] = True
                     break
         return out.to(sequences.device)
-
-
-# ---- beam search -----------------------------------------------------------------------------
-
-
-def beam_search(
-    model: GPT, input_ids: Any, attention_mask: Any = None, config: GenerationConfig | None = None,
-    *, tokenizer: Any = None,
-) -> torch.Tensor | GenerationOutput:
-    """Beam search (beam sampling with do_sample), the vectorised algorithm of transformers >= 4.50:
-    keep the top 2 * num_beams continuations per step so num_beams stay alive even when the best ones
-    end; finished hypotheses compete on score / generated_length ** length_penalty."""
-    config = config if config is not None else resolve_config(model)
-    nb = config.num_beams
-    req = prepare_request(model, input_ids, attention_mask, config, nb)
-    device = model.device
-    B, L, max_length = req.batch_size, req.input_ids.size(1), req.max_length
-    if max_length <= L:
-        return _beam_output(config, req.input_ids[:: nb][:, None].expand(B, config.num_return_sequences, L)
-                            .reshape(-1, L), None, None, None)
-    eos = torch.tensor(req.eos, device=device) if req.eos else None
-    n_eos = len(req.eos) if req.eos else 0
-    keep = max(2, 1 + n_eos) * nb  # candidates per prompt and step
-    top_nb = torch.arange(keep, device=device) < nb
-    # transformers fills unused output slots with pad, or eos[0] when pad is 0 (`pad or eos[0]`)
-    fill = req.pad if (req.pad or not req.eos) else req.eos[0]
-
-    running = torch.full((B, nb, max_length), fill, dtype=torch.long, device=device)
-    running[:, :, :L] = req.input_ids.view(B, nb, L)
-    finished = running.clone()
-    running_scores = torch.zeros(B, nb, device=device)
-    running_scores[:, 1:] = _BIG_NEGATIVE  # only beam 0 expands at first: the beams start identical
-    finished_scores = torch.full((B, nb), _BIG_NEGATIVE, device=device)
-    finished_lengths = torch.zeros(B, nb, dtype=torch.long, device=device)
-    is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    batch_offset = torch.arange(B, device=device)[:, None] * nb
-
-    ignore = None if req.attention_mask is None else req.attention_mask.argmax(dim=1)
-    process = make_logits_processor(
-        config, prompt_length=L, eos_token_ids=req.eos, ignore_before=ignore,
-        min_tokens_to_keep=(n_eos + 1) if n_eos else 2,
-    )
-    generator = _generator(config.seed, device)
-    stop = _StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
-    all_scores: list[torch.Tensor] = []
-    all_logits: list[torch.Tensor] = []
-    early = config.early_stopping
-    cur = L
-    with torch.inference_mode():
-        forward = _Forward(model, B * nb, max_length, req.attention_mask, "compiled" if config.compile else "dynamic")
-        logits = forward.prefill(req.input_ids, req.attention_mask)
-        while True:
-            log_probs = torch.log_softmax(logits, dim=-1)
-            if process is not None:
-                log_probs = process(running.view(B * nb, max_length)[:, :cur], log_probs)
-            if config.return_dict_in_generate:
-                if config.output_scores:
-                    all_scores.append(log_probs)
-                if config.output_logits:
-                    all_logits.append(logits)
-            vocab = log_probs.size(-1)
-            total = (log_probs.view(B, nb, vocab) + running_scores[:, :, None]).view(B, nb * vocab)
-
-            # Top `keep` continuations over all beams of each prompt.
-            if config.do_sample:
-                picked = torch.multinomial(torch.softmax(total, dim=-1), keep, generator=generator)
-                top_scores, order = total.gather(1, picked).sort(dim=-1, descending=True)
-                picked = picked.gather(1, order)
-            else:
-                top_scores, picked = torch.topk(total, keep)
-            source_beam = picked // vocab  # (B, keep)
-            candidates = torch.take_along_dim(running, source_beam[:, :, None], dim=1)
-            candidates[:, :, cur] = picked % vocab
-
-            hits = torch.full((B, keep), cur + 1 >= max_length, dtype=torch.bool, device=device)
-            if eos is not None:
-                hits |= torch.isin(candidates[:, :, cur], eos)
-            if stop is not None:
-                hits |= stop.hits(candidates[:, :, : cur + 1].reshape(B * keep, -1)).view(B, keep)
-
-            # The best num_beams unfinished candidates run on.
-            alive_scores = top_scores + hits.float() * _BIG_NEGATIVE
-            survivors = torch.topk(alive_scores, nb).indices
-            running = torch.take_along_dim(candidates, survivors[:, :, None], dim=1)
-            running_scores = torch.take_along_dim(alive_scores, survivors, dim=1)
-            running_source = torch.take_along_dim(source_beam, survivors, dim=1)
-
-            # Finished candidates among the top num_beams join the finished set if they beat it.
-            just_finished = hits & top_nb[None, :]
-            done_scores = top_scores / ((cur + 1 - L) ** config.length_penalty)
-            done_scores += (is_finished.all(dim=-1, keepdim=True) & (early is True)).float() * _BIG_NEGATIVE
-            done_scores += (~improvable).float() * _BIG_NEGATIVE
-            done_scores += (~just_finished) * _BIG_NEGATIVE
-            merged_scores = torch.cat((finished_scores, done_scores), dim=1)
-            best = torch.topk(merged_scores, nb).indices
-            finished = torch.take_along_dim(torch.cat((finished, candidates), dim=1), best[:, :, None], dim=1)
-            finished_scores = torch.take_along_dim(merged_scores, best, dim=1)
-            new_lengths = torch.full((B, keep), cur + 1 - L, dtype=torch.long, device=device)
-            finished_lengths = torch.take_along_dim(torch.cat((finished_lengths, new_lengths), dim=1), best, dim=1)
-            is_finished = torch.take_along_dim(torch.cat((is_finished, just_finished), dim=1), best, dim=1)
-
-            cur += 1
-            improvable = improvable & _can_improve(
-                running_scores, finished_scores, is_finished, cur - L, max_length - L, config
-            )
-            all_done = bool(is_finished.all()) and early is True
-            if not bool(improvable.any()) or all_done or bool(hits.all()):
-                break
-            forward.reorder((running_source + batch_offset).view(-1))
-            logits = forward.step(running[:, :, cur - 1].reshape(-1))
-
-    n = config.num_return_sequences
-    length = L + int(finished_lengths[:, :n].max())
-    # Cloned outside inference mode: callers get ordinary tensors they may modify.
-    sequences = finished[:, :n, :length].reshape(B * n, length).clone()
-    return _beam_output(config, sequences, finished_scores[:, :n].reshape(-1).clone(), all_scores, all_logits)
-
-
-def _can_improve(
-    running_scores: torch.Tensor, finished_scores: torch.Tensor, is_finished: torch.Tensor,
-    generated: int, max_new: int, config: GenerationConfig,
-) -> torch.Tensor:
-    """(B, 1): could the best running beam still beat the worst finished one? (transformers' heuristic)"""
-    if config.early_stopping == "never" and config.length_penalty > 0.0:
-        best_length = max_new  # a positive length penalty favours the longest possible continuation
-    else:
-        best_length = generated
-    best_running = running_scores[:, :1] / (best_length ** config.length_penalty)
-    worst_finished = torch.where(
-        is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], _BIG_NEGATIVE
-    )
-    return torch.any(best_running > worst_finished, dim=-1, keepdim=True)
-
-
-def _beam_output(
-    config: GenerationConfig, sequences: torch.Tensor, sequences_scores: torch.Tensor | None,
-    scores: list[torch.Tensor] | None, logits: list[torch.Tensor] | None,
-) -> torch.Tensor | GenerationOutput:
-    if not config.return_dict_in_generate:
-        return sequences
-    return GenerationOutput(
-        sequences=sequences,
-        scores=tuple(scores) if config.output_scores and scores is not None else None,
-        logits=tuple(logits) if config.output_logits and logits is not None else None,
-        sequences_scores=sequences_scores if config.output_scores else None,
-    )
