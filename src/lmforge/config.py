@@ -193,13 +193,18 @@ class GPTConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
-def _check_known_keys(d: dict[str, Any], where: str) -> None:
-    known = [f.name for f in dataclasses.fields(GPTConfig)]
+def check_known_fields(datacls: type, d: dict[str, Any], unknown: str, known_label: str = "known keys") -> None:
+    """Fail on a name that is not a field of `datacls`, with a "did you mean" (typo in a config or option)."""
+    known = [f.name for f in dataclasses.fields(datacls)]
     for key in d:
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
-            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean}")
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else f"; {known_label}: {', '.join(known)}"
+            raise ConfigError(f"{unknown} {key!r}{did_you_mean}")
+
+
+def _check_known_keys(d: dict[str, Any], where: str) -> None:
+    check_known_fields(GPTConfig, d, f"{where}: unknown key")
 
 
 def _divisors(n: int) -> list[int]:

@@ -7,11 +7,11 @@ be checked against a model or a prompt (vocabulary, context length) is checked i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lmforge.config import check_known_fields
 from lmforge.errors import ConfigError
 
 # Used when neither max_length nor max_new_tokens is given (Hugging Face's default: 20 new tokens).
@@ -128,12 +128,7 @@ class GenerationConfig:
 
 def check_option_names(options: dict[str, Any]) -> None:
     """Fail on an unknown option name with a "did you mean" (generate(**options) typos)."""
-    known = [f.name for f in dataclasses.fields(GenerationConfig)]
-    for key in options:
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else f"; known options: {', '.join(known)}"
-            raise ConfigError(f"unknown generation option {key!r}{did_you_mean}")
+    check_known_fields(GenerationConfig, options, "unknown generation option", "known options")
 
 
 def _is_int(value: Any) -> bool:
