@@ -49,6 +49,17 @@ def _check_pair(predictions: Sequence, references: Sequence, what: str) -> None:
 
 
 @contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Score in eval mode (no dropout) and give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def _autocast(model: torch.nn.Module, dtype: str | torch.dtype | None) -> Iterator[None]:
     """Run the forward pass under autocast to `dtype` (e.g. bf16); None/float32 = the model's own dtype."""
     dt = resolve_dtype(dtype)
@@ -174,9 +185,7 @@ def perplexity(
     scoring = [w for w in windows if w[2] < w[1]]  # a last one-token window may score nothing
     nll_parts: list[torch.Tensor] = []
     ctx_parts: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         bar = _progress(len(scoring), progress, "perplexity")
         for i in range(0, len(scoring), batch_size):
             group = scoring[i: i + batch_size]
@@ -198,8 +207,6 @@ def perplexity(
                 ctx_parts.append(torch.arange(first - begin, end - begin))
             bar.update(len(group))
         bar.close()
-    finally:
-        model.train(was_training)
     token_nll = torch.cat(nll_parts)
     mean_nll = float(token_nll.mean())
     return PerplexityResult(
@@ -256,9 +263,7 @@ def continuation_logprobs(
     rows.sort(key=lambda r: -len(r[1]))
     device = next(model.parameters()).device
     out: list[LogprobResult | None] = [None] * len(rows)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         bar = _progress(len(rows), progress, "log-likelihood")
         for b in range(0, len(rows), batch_size):
             group = rows[b: b + batch_size]
@@ -280,8 +285,6 @@ def continuation_logprobs(
                 )
             bar.update(len(group))
         bar.close()
-    finally:
-        model.train(was_training)
     return out  # type: ignore[return-value]
 
 
