@@ -262,6 +262,28 @@ def load_model(
     return model.eval()
 
 
+def load_weights(model: GPT, directory: str | os.PathLike) -> None:
+    """Copy the weights of a checkpoint directory into an existing model, in place and strictly.
+
+    Used to restore a training run: the model keeps its device, dtype, parameters (so an optimizer
+    built over them stays valid) and wrappers. Raises CheckpointError on a missing or misshapen tensor.
+    """
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    state, source = read_state_dict(directory)
+    state = hf_to_lmforge(state, model.config)
+    own = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: does not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    with torch.no_grad():
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has "
+                                      f"{tuple(target.shape)}")
+            target.copy_(state[key])
+
+
 # ---- writing ---------------------------------------------------------------------------------
 
 

@@ -20,3 +20,7 @@ class CheckpointError(LmforgeError):
 
 class DataError(LmforgeError):
     """Input data that cannot be used: missing or malformed files, wrong fields, empty data."""
+
+
+class TrainingError(LmforgeError):
+    """A training run that cannot go on: non-finite loss, out of memory, a resume that does not fit."""

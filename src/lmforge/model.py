@@ -346,6 +346,12 @@ class GPT(nn.Module):
 
         return generate(self, input_ids, attention_mask, generation_config, **options)
 
+    def load_weights(self, directory) -> None:
+        """Copy the weights saved in `directory` into this model in place (used to resume training)."""
+        from lmforge.checkpoint import load_weights
+
+        load_weights(self, directory)
+
     def save_pretrained(self, directory, max_shard_size: int | str | None = None, tokenizer=None) -> None:
         """Write config.json + model.safetensors that transformers and lmforge both load."""
         from lmforge.checkpoint import save_pretrained  # checkpoint builds on the model, not the reverse

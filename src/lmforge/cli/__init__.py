@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "lmforge.cli.info",
     "lmforge.cli.tokenizer",
     "lmforge.cli.prepare",
+    "lmforge.cli.pretrain",
     "lmforge.cli.generate",
     "lmforge.cli.evaluate",
 ]

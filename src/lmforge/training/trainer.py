@@ -1,0 +1,421 @@
+"""The one training loop, shared by pretraining and fine-tuning.
+
+Each optimizer step draws grad_accum micro-batches, and the loss of each is its SUM over items
+divided by the number of items in the whole step (all micro-batches, all ranks), so the accumulated
+gradient equals the gradient of the large batch exactly, whatever the padding or masking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import TrainingError
+from lmforge.training import distributed as D
+from lmforge.training.checkpointing import RunDir, write_dir_atomic
+from lmforge.training.config import TrainConfig, config_differences
+from lmforge.training.optim import learning_rate, make_optimizer
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor | int]"]
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over positions whose label is not -100, and their count."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids")).logits
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+def count_items(batch: Batch) -> torch.Tensor:
+    """Items a micro-batch contributes to the loss: labels that are not -100 (tokens or examples)."""
+    return (batch["labels"] != -100).sum()
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    metrics: dict[str, float]
+    model_dir: Path
+    best_dir: Path | None
+    elapsed: float
+    stopped_by: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains `model` on `train_data` under `config`, checkpointing to config.out_dir.
+
+    model: an nn.Module with save_pretrained(dir, tokenizer=None) and load_weights(dir).
+    train_data: a BatchSource (see lmforge.training.sources). val_data: a zero-argument callable
+    returning an iterable of batches. loss_fn(model, batch) -> (loss sum, item count).
+    eval_fn(model) -> {name: value}: extra validation metrics (best_metric may name one).
+    extra_config: what else defines the run (model shape, data), saved in config.json and compared
+    on --resume.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_data: BatchSource,
+        val_data: Callable[[], Iterable[Batch]] | None = None,
+        *,
+        loss_fn: LossFn = causal_lm_loss,
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        tokenizer: Any = None,
+        extra_config: dict[str, Any] | None = None,
+        dist: D.DistInfo | None = None,
+    ) -> None:
+        self.config = config
+        self.dist = dist or D.init_distributed(config.device)
+        self.device = self.dist.device
+        self.train_data, self.val_data = train_data, val_data
+        self.loss_fn, self.eval_fn, self.tokenizer = loss_fn, eval_fn, tokenizer
+        self.run = RunDir(config.out_dir)
+        self.run_config = {"train": config.to_dict(), **(extra_config or {}),
+                           "world_size": self.dist.world_size}
+
+        if config.dtype == "fp16" and self.device.type != "cuda":
+            raise TrainingError("dtype fp16 needs a CUDA device (it trains with a gradient scaler there); "
+                                "use --dtype bf16 on the CPU")
+        torch.manual_seed(config.seed + self.dist.rank)
+        self.raw_model = model.to(self.device)
+        if config.grad_checkpointing:
+            if not hasattr(model, "gradient_checkpointing"):
+                raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing")
+            model.gradient_checkpointing = True
+        self.optimizer = make_optimizer(model, config, self.device)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.model = D.wrap_model(model, self.dist, config.fsdp)
+        if config.compile:
+            self.model = torch.compile(self.model)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.dtype)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler("cuda") if config.dtype == "fp16" else None
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.best: float | None = None
+        self.flops_per_token = _flops_per_token(model, config.block_size)
+        self.peak_flops: float | None = None
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg, main = self.config, self.dist.is_main
+        self._start_run()
+        if main and self.flops_per_token and cfg.progress:
+            self.peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if cfg.dtype != "fp32" else torch.float32)
+        bar = _progress_bar(cfg, self.step) if main and cfg.progress else None
+        history: list[dict[str, Any]] = []
+        stopped_by = "max_steps"
+        start_time, start_tokens = time.perf_counter() - self.elapsed, self.tokens
+        window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+        last_saved = self.step
+        try:
+            while True:
+                self.elapsed = time.perf_counter() - start_time
+                reason = self._should_stop()
+                if reason:
+                    stopped_by = reason
+                    break
+                loss, grad_norm, tokens = self._train_step()
+                self.step += 1
+                self.tokens += tokens
+                window_loss, window_steps, window_tokens = window_loss + loss, window_steps + 1, window_tokens + tokens
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    now = time.perf_counter()
+                    row = self._log_row(window_loss / window_steps, grad_norm, window_tokens, now - window_start, window_steps)
+                    history.append(row)
+                    if main:
+                        self.run.log(row)
+                    if bar is not None:
+                        bar.set_postfix_str(f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s"
+                                            + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""))
+                    window_start, window_tokens, window_loss, window_steps = now, 0, 0.0, 0
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.eval_interval == 0:
+                    history.append(self._evaluate_and_log())
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = self.step
+        finally:
+            if bar is not None:
+                bar.close()
+        self.elapsed = time.perf_counter() - start_time
+        if self.step % cfg.eval_interval or self.step == 0:  # not just evaluated inside the loop
+            history.append(self._evaluate_and_log())
+        metrics = history[-1]
+        if self.step != last_saved:
+            self.save_checkpoint()
+        if main:
+            write_dir_atomic(self.run.model_dir, self._save_model)
+            self.run.log({"event": "end", "step": self.step, "tokens": self.tokens, "stopped_by": stopped_by,
+                          "elapsed": round(self.elapsed, 3), "tokens_per_s": (self.tokens - start_tokens) / max(self.elapsed, 1e-9)})
+        D.barrier(self.dist)
+        best = self.run.best_dir if (cfg.best_metric and self.run.best_dir.is_dir()) else None
+        return TrainResult(self.step, self.tokens, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                           self.run.model_dir, best, self.elapsed, stopped_by, history)
+
+    def _should_stop(self) -> str | None:
+        cfg = self.config
+        if self.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_tokens is not None and self.tokens >= cfg.max_tokens:
+            return "max_tokens"
+        if cfg.max_time is not None and D.broadcast_flag(self.elapsed >= cfg.max_time, self.dist):
+            return "max_time"
+        return None
+
+    def _train_step(self) -> tuple[float, float | None, int]:
+        cfg = self.config
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [self.train_data.next_batch() for _ in range(cfg.grad_accum)]
+        loss_value, total_tokens = self.accumulate_gradients(micro)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            latest = self.run.latest_checkpoint()
+            raise TrainingError(f"the loss became {loss_value} at step {self.step + 1}; stopped without updating the "
+                                f"weights. The last good checkpoint is {latest or 'none (none was written yet)'}; "
+                                f"lower --lr, raise --warmup-steps or use --dtype fp32, then --resume")
+        grad_norm = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, total_tokens
+
+    def accumulate_gradients(self, micro: list[Batch]) -> tuple[float, int]:
+        """Forward and backward over the micro-batches of one step, leaving the gradient of
+        sum(item losses) / (items in the step, all ranks) in .grad. Returns (mean loss, tokens)."""
+        cfg, dist = self.config, self.dist
+        counts = torch.stack([count_items(b) for b in micro]).sum().to(self.device, torch.float64)
+        tokens = torch.tensor(float(sum(b["input_ids"].numel() for b in micro)), device=self.device, dtype=torch.float64)
+        totals = D.all_reduce_sum(torch.stack([counts, tokens]), dist)
+        total_items, total_tokens = totals[0].item(), int(totals[1].item())
+        if total_items == 0:
+            raise TrainingError(f"step {self.step + 1}: no labels to learn from in this batch (every label is -100)")
+        step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.model.train()
+        try:
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+                with sync:
+                    with self.autocast():
+                        loss_sum, _ = self.loss_fn(self.model, batch)
+                    # DDP averages gradients over ranks; scale up so the result is sum / global count.
+                    loss = loss_sum * (dist.world_size / total_items)
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                step_loss += loss_sum.detach().to(torch.float64)
+        except torch.OutOfMemoryError as e:
+            raise TrainingError(f"out of memory at batch_size={cfg.batch_size} (block {cfg.block_size}): use a smaller "
+                                f"--batch-size with a larger --grad-accum (same global batch), --grad-checkpointing, "
+                                f"or --dtype bf16") from e
+        return (D.all_reduce_sum(step_loss, dist) / total_items).item(), total_tokens
+
+    # ---- evaluation and logging --------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss and perplexity over up to eval_batches batches, plus eval_fn's metrics."""
+        cfg = self.config
+        out: dict[str, float] = {}
+        self.model.eval()
+        try:
+            if self.val_data is not None and cfg.eval_batches > 0:
+                total = torch.zeros(2, dtype=torch.float64, device=self.device)
+                for i, batch in enumerate(self.val_data()):
+                    if i >= cfg.eval_batches:
+                        break
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    with self.autocast():
+                        loss_sum, count = self.loss_fn(self.model, batch)
+                    total += torch.stack([loss_sum.detach().to(torch.float64),
+                                          torch.as_tensor(count, dtype=torch.float64, device=self.device)])
+                total = D.all_reduce_sum(total, self.dist)
+                if total[1] > 0:
+                    out["val_loss"] = (total[0] / total[1]).item()
+                    out["val_ppl"] = math.exp(min(out["val_loss"], 700.0))
+            if self.eval_fn is not None:
+                with self.autocast():
+                    out.update({k: float(v) for k, v in self.eval_fn(self.raw_model).items()})
+        finally:
+            self.model.train()
+        return out
+
+    def _evaluate_and_log(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        row = {"step": self.step, "tokens": self.tokens, **metrics}
+        if self.dist.is_main:
+            self.run.log(row)
+            self._maybe_save_best(metrics)
+            if self.config.progress and metrics:
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                _print_above_bar(f"step {self.step}: {shown}")
+        return row
+
+    def _maybe_save_best(self, metrics: dict[str, float]) -> None:
+        name = self.config.best_metric
+        if not name:
+            return
+        if name not in metrics:
+            raise TrainingError(f"best_metric {name!r} is not among the validation metrics {sorted(metrics)}")
+        value = metrics[name]
+        better = self.best is None or (value < self.best if self.config.best_mode == "min" else value > self.best)
+        if better:
+            self.best = value
+            write_dir_atomic(self.run.best_dir, self._save_model)
+            self.run.log({"event": "best", "step": self.step, name: value})
+
+    def _log_row(self, loss: float, grad_norm: float | None, tokens: int, seconds: float, steps: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": learning_rate(self.step - 1, self.config),
+                               "tokens_per_s": tokens / max(seconds, 1e-9), "ms_per_step": 1000 * seconds / steps,
+                               "time": round(self.elapsed, 3)}
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        if self.flops_per_token and self.peak_flops:
+            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.dist.world_size)
+        return row
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _save_model(self, directory: Path) -> None:
+        self.raw_model.save_pretrained(directory, tokenizer=self.tokenizer)
+
+    def save_checkpoint(self) -> Path | None:
+        """Model + optimizer + scaler + RNG (every rank's) + data position, atomically (rank 0 writes)."""
+        rng = D.gather_objects({"cpu": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}, self.dist)
+        path = None
+        if self.dist.is_main:
+            state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best": self.best,
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "rng": rng, "data": self.train_data.state_dict()}
+            path = self.run.save_checkpoint(self.step, self._save_model, state, self.config.keep_last)
+        D.barrier(self.dist)
+        return path
+
+    def _start_run(self) -> None:
+        cfg, run = self.config, self.run
+        saved = run.read_config()
+        if cfg.resume:
+            if saved is None:
+                raise TrainingError(f"--resume: {run.path} has no {run.path.name}/config.json; it is not a run "
+                                    f"directory (drop --resume to start a new run there)")
+            diff = config_differences(saved, self.run_config)
+            if diff:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in list(diff.items())[:8]))
+                raise TrainingError(f"--resume: {run.path} was trained with a different configuration ({shown}); "
+                                    f"use the same options or a new --out directory")
+            if self.dist.is_main:
+                run.remove_partial_writes()
+            D.barrier(self.dist)
+            checkpoint = run.latest_checkpoint()
+            if checkpoint is not None:
+                self._restore(checkpoint)
+                if self.dist.is_main:
+                    run.truncate_metrics(self.step)
+                    run.log({"event": "resume", "step": self.step, "checkpoint": str(checkpoint)})
+        elif saved is not None and (run.latest_checkpoint() is not None or run.metrics_file.exists()):
+            raise TrainingError(f"{run.path} already holds a training run; pass --resume to continue it, or choose "
+                                f"a new --out directory")
+        if self.dist.is_main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.write_config(self.run_config)
+        D.barrier(self.dist)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = RunDir.load_state(checkpoint)
+        self.raw_model.load_weights(checkpoint / "model")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else state["rng"][0]
+        torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.train_data.load_state_dict(state["data"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.elapsed, self.best = float(state.get("elapsed", 0.0)), state.get("best")
+
+
+# ---- speed accounting --------------------------------------------------------------------------
+
+
+def _flops_per_token(model: nn.Module, block_size: int | None) -> float | None:
+    """Training FLOPs per token, 6N + 12 L H Q T (PaLM appendix B, as nanoGPT): None if not a GPT."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "n_layer"):
+        return None
+    n = sum(p.numel() for p in model.parameters())
+    t = block_size or cfg.n_positions
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
+
+
+_PEAKS: dict[tuple[str, torch.dtype], float] = {}
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense matmul throughput (FLOP/s) of this device and dtype: the denominator of MFU."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n = 4096 if device.type == "cuda" else 1024
+        g = torch.Generator(device).manual_seed(0)  # never touch the global RNG: resumed runs must match
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        for _ in range(2):
+            a @ b
+        best = float("inf")
+        for _ in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / 4)
+        _PEAKS[key] = 2 * n**3 / best
+    return _PEAKS[key]
+
+
+def _print_above_bar(text: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+def _progress_bar(cfg: TrainConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=None if os.environ.get("LMFORGE_PROGRESS") != "1" else False)
