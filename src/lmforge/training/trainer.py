@@ -104,9 +104,10 @@ class Trainer:
             if not hasattr(model, "gradient_checkpointing"):
                 raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing")
             model.gradient_checkpointing = True
+        self.sharded = config.fsdp and self.dist.distributed
+        self.model = D.wrap_model(model, self.dist, config.fsdp)  # before the optimizer: FSDP swaps parameters
         self.optimizer = make_optimizer(model, config, self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.model = D.wrap_model(model, self.dist, config.fsdp)
         if config.compile:
             self.model = torch.compile(self.model)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.dtype)
@@ -167,8 +168,9 @@ class Trainer:
         metrics = history[-1]
         if self.step != last_saved:
             self.save_checkpoint()
+        final = self._export_model()
         if main:
-            write_dir_atomic(self.run.model_dir, self._save_model)
+            write_dir_atomic(self.run.model_dir, lambda d: self._save_model(d, final))
             self.run.log({"event": "end", "step": self.step, "tokens": self.tokens, "stopped_by": stopped_by,
                           "elapsed": round(self.elapsed, 3), "tokens_per_s": (self.tokens - start_tokens) / max(self.elapsed, 1e-9)})
         D.barrier(self.dist)
@@ -275,26 +277,30 @@ class Trainer:
     def _evaluate_and_log(self) -> dict[str, Any]:
         metrics = self.evaluate()
         row = {"step": self.step, "tokens": self.tokens, **metrics}
+        improved = self._improved(metrics)
+        model = self._export_model() if improved else None  # every rank decides alike: metrics are all-reduced
         if self.dist.is_main:
             self.run.log(row)
-            self._maybe_save_best(metrics)
+            if improved:
+                write_dir_atomic(self.run.best_dir, lambda d: self._save_model(d, model))
+                self.run.log({"event": "best", "step": self.step, self.config.best_metric: self.best})
             if self.config.progress and metrics:
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 _print_above_bar(f"step {self.step}: {shown}")
         return row
 
-    def _maybe_save_best(self, metrics: dict[str, float]) -> None:
+    def _improved(self, metrics: dict[str, float]) -> bool:
+        """Whether best_metric improved (then it becomes the new best)."""
         name = self.config.best_metric
         if not name:
-            return
+            return False
         if name not in metrics:
             raise TrainingError(f"best_metric {name!r} is not among the validation metrics {sorted(metrics)}")
         value = metrics[name]
-        better = self.best is None or (value < self.best if self.config.best_mode == "min" else value > self.best)
-        if better:
+        if self.best is None or (value < self.best if self.config.best_mode == "min" else value > self.best):
             self.best = value
-            write_dir_atomic(self.run.best_dir, self._save_model)
-            self.run.log({"event": "best", "step": self.step, name: value})
+            return True
+        return False
 
     def _log_row(self, loss: float, grad_norm: float | None, tokens: int, seconds: float, steps: int) -> dict[str, Any]:
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": learning_rate(self.step - 1, self.config),
@@ -308,19 +314,42 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def _save_model(self, directory: Path) -> None:
-        self.raw_model.save_pretrained(directory, tokenizer=self.tokenizer)
+    def _save_model(self, directory: Path, model: nn.Module | None = None) -> None:
+        (model or self.raw_model).save_pretrained(directory, tokenizer=self.tokenizer)
+
+    def _export_model(self) -> nn.Module | None:
+        """The model to save: itself, or under FSDP a full CPU copy gathered from the shards (a
+        collective: every rank calls it; rank 0 gets the copy)."""
+        if not self.sharded:
+            return self.raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return None
+        copy = type(self.raw_model)(self.raw_model.config)
+        copy.load_state_dict(full)
+        return copy
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_checkpoint(self) -> Path | None:
         """Model + optimizer + scaler + RNG (every rank's) + data position, atomically (rank 0 writes)."""
         rng = D.gather_objects({"cpu": torch.get_rng_state(),
                                 "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}, self.dist)
+        model, optimizer = self._export_model(), self._optimizer_state()
         path = None
         if self.dist.is_main:
             state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best": self.best,
-                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "optimizer": optimizer, "scaler": self.scaler.state_dict() if self.scaler else None,
                      "rng": rng, "data": self.train_data.state_dict()}
-            path = self.run.save_checkpoint(self.step, self._save_model, state, self.config.keep_last)
+            path = self.run.save_checkpoint(self.step, lambda d: self._save_model(d, model), state, self.config.keep_last)
         D.barrier(self.dist)
         return path
 
@@ -355,8 +384,18 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         state = RunDir.load_state(checkpoint)
-        self.raw_model.load_weights(checkpoint / "model")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            full = type(self.raw_model)(self.raw_model.config)
+            full.load_weights(checkpoint / "model")
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, full.state_dict(), options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.raw_model.load_weights(checkpoint / "model")
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"][self.dist.rank] if self.dist.rank < len(state["rng"]) else state["rng"][0]
