@@ -341,3 +341,67 @@ def test_best_checkpoint_follows_the_metric(dataset, tmp_path):
     assert bests and all(b["val_loss"] > a["val_loss"] for b, a in zip(bests, bests[1:]))
     with pytest.raises(TrainingError, match="best_metric 'accuracy'"):
         make_trainer(dataset, tmp_path / "other", max_steps=3, eval_interval=3, best_metric="accuracy").train()
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, env=_env(), cwd=cwd)
+
+
+def test_main_job_short_form_pretrains_on_the_embedded_corpus_and_prints_samples(tmp_path):
+    """The README's main job (same flags, fewer steps): no data, offline, samples + loss plot."""
+    done = _cli("pretrain", "--out", str(tmp_path / "demo"), "--block-size", "64", "--batch-size", "12", "--lr", "1e-3",
+                "--max-steps", "30", "--eval-interval", "15", "--max-time", "120", "--sample-length", "80")
+    assert done.returncode == 0, done.stderr
+    assert "---------- sample 2 ----------" in done.stdout
+    assert f"loss plot: {tmp_path / 'demo' / 'loss.png'}" in done.stdout
+    png = (tmp_path / "demo" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    header = json.loads((tmp_path / "demo" / "data" / "dataset.json").read_text())
+    assert header["tokens"] > 400_000 and header["tokenizer"]["vocab_size"] < 200  # char-level pydoc topics
+    saved = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert saved["model"]["n_positions"] == 64 and saved["train"]["lr"] == 1e-3
+
+
+def test_config_file_sets_options_and_flags_win(dataset, tmp_path):
+    (tmp_path / "run.yaml").write_text(f"data: {dataset}\nmodel: tiny\nmax-steps: 6\nlr: 0.002\nbatch_size: 3\n"
+                                       f"block_size: 16\neval_interval: 3\nsamples: 0\ndevice: cpu\n")
+    done = _cli("pretrain", "--config", str(tmp_path / "run.yaml"), "--lr", "0.004", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (saved["max_steps"], saved["lr"], saved["batch_size"], saved["block_size"]) == (6, 0.004, 3, 16)
+    plot = _cli("plot", str(tmp_path / "run"), "--output", str(tmp_path / "x.png"))
+    assert plot.returncode == 0 and (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("max_stepz: 3\n", "did you mean 'max_steps'"),
+    ("lr: [1\n", "does not parse as YAML"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+])
+def test_bad_config_file_is_one_line_and_exit_2(tmp_path, content, message):
+    (tmp_path / "bad.yaml").write_text(content)
+    done = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--config", str(tmp_path / "bad.yaml"),
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_too_small_data_and_empty_val_split_are_clear_errors(tmp_path):
+    (tmp_path / "small.txt").write_text("hello world\n")
+    common = ["pretrain", "--model", "tiny", "--max-steps", "2", "--samples", "0", "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-m", "lmforge", *common, "--data", str(tmp_path / "small.txt"),
+                           "--block-size", "64", "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert done.returncode == 2 and "fewer than block_size + 1 = 65" in done.stderr
+    (tmp_path / "big.txt").write_text("some text to learn from. " * 400)
+    done = subprocess.run([sys.executable, "-m", "lmforge", *common, "--data", str(tmp_path / "big.txt"),
+                           "--val-fraction", "0", "--block-size", "16", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "validation split is empty" in done.stderr and "--eval-batches 0" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "lmforge", *common, "--data", str(tmp_path / "big.txt"),
+                           "--val-fraction", "0", "--eval-batches", "0", "--block-size", "16", "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "lmforge", "plot", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert done.returncode == 2 and "not a directory" in done.stderr

@@ -1,0 +1,247 @@
+"""Pretraining quality and speed: nanoGPT's CPU "baby GPT" on Tiny Shakespeare (character level), and
+the GPT-2 small shape, lmforge against transformers in the same run.
+
+Prints one JSON object per figure: name, value, unit, peer (transformers), ratio, conditions.
+`ratio` is lmforge's advantage (> 1 = lmforge better): peer/value for times, value/peer for rates.
+
+    python benchmarks/pretrain_shakespeare.py            # the full 2000-iteration run + speed + GPT-2 shape
+    python benchmarks/pretrain_shakespeare.py --quick    # a smoke run (50 iterations, short timings)
+
+Quality: lmforge's Trainer with nanoGPT's published CPU settings (n_layer 4, n_head 4, n_embd 128,
+block 64, batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4, warmup 100, beta2 0.99, dropout 0,
+weight decay 0.1, clip 1.0), 90/10 character split; final val loss over the whole val split and as
+nanoGPT estimates it (mean of 20 random val batches). nanoGPT reports about 1.88.
+Speed: the time of one full training iteration (forward, backward, clip, AdamW step) of the same
+model shape in lmforge and in transformers.GPT2LMHeadModel, same batches, same optimizer settings,
+interleaved blocks of iterations, median per-iteration time. GPT-2 small shape: tokens/s and MFU
+(6N + 12 L H Q T flops per token over the measured dense matmul peak), fp32 and bf16 autocast.
+Each phase runs in its own process, so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+BABY = dict(n_layer=4, n_head=4, n_embd=128, n_positions=64, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+def emit(name, value, unit, peer=None, ratio=None, **conditions) -> None:
+    conditions.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                      peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    print(json.dumps(dict(name=name, value=value, unit=unit, peer=peer, ratio=ratio, conditions=conditions)), flush=True)
+
+
+def prepared(workdir: Path) -> Path:
+    import lmforge
+
+    out = workdir / "shakespeare_char"
+    if not (out / "dataset.json").is_file():
+        tok = lmforge.CharTokenizer.train([DATA])
+        lmforge.prepare(DATA, tok, out, val_fraction=0.1, show_progress=False)
+    return out
+
+
+# ---- phase: quality ------------------------------------------------------------------------------
+
+
+def phase_quality(args, workdir: Path) -> None:
+    import lmforge
+    from lmforge.training import RandomBlocks, TrainConfig, Trainer, fixed_blocks
+
+    data = prepared(workdir)
+    train, val = lmforge.TokenDataset(data, "train"), lmforge.TokenDataset(data, "val")
+    torch.manual_seed(1337)
+    model = lmforge.GPT(lmforge.GPTConfig(vocab_size=train.vocab_size, **BABY))
+    cfg = TrainConfig(out_dir=str(workdir / "run"), max_steps=args.iters, batch_size=12, block_size=64, lr=1e-3,
+                      min_lr=1e-4, warmup_steps=100, lr_decay_steps=args.iters, beta2=0.99, weight_decay=0.1,
+                      grad_clip=1.0, eval_interval=250, eval_batches=20, log_interval=10, save_interval=args.iters,
+                      progress=False, device="cpu", seed=1337)
+    trainer = Trainer(model, cfg, RandomBlocks(train, 12, 64, seed=1337), fixed_blocks(val, 12, 64, 20, seed=1),
+                      tokenizer=train.tokenizer, extra_config={"model": model.config.to_dict()})
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    steps = [r for r in result.history if "ms_per_step" in r]
+    ms = statistics.median(r["ms_per_step"] for r in steps)
+    conditions = dict(config="nanoGPT baby 4x4x128, block 64, batch 12, char-level", iters=result.step, dtype="fp32",
+                      data="tinyshakespeare 90/10")
+    emit("shakespeare_char_val_loss_estimate", round(result.metrics["val_loss"], 4), "nats/char",
+         peer=1.88, note="mean of 20 random val batches (nanoGPT's estimate); peer = nanoGPT's published figure",
+         **conditions)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in val.sequential_batches(64, 64):
+            logits = model(x).logits
+            total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum").item()
+            count += int((y != -100).sum())
+    emit("shakespeare_char_val_loss_full", round(total / count, 4), "nats/char", peer=1.88,
+         note="every val character once", **conditions)
+    emit("shakespeare_char_ms_per_iter_in_run", round(ms, 2), "ms", note="median of logged windows, incl. data",
+         **conditions)
+    emit("shakespeare_char_tokens_per_s_in_run", round(result.tokens / seconds), "tokens/s",
+         note="whole run incl. evaluation and checkpoints", **conditions)
+
+
+# ---- phase: speed against transformers --------------------------------------------------------
+
+
+def _hf_model(vocab: int, shape: dict):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
+                     n_positions=shape["n_positions"], embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def _steppers(vocab: int, shape: dict, dtype: str):
+    """One training-iteration closure per library over identical initial weights and settings."""
+    import lmforge
+    from lmforge.training import make_optimizer, TrainConfig
+
+    torch.manual_seed(0)
+    hf = _hf_model(vocab, shape).train()
+    ours = lmforge.GPT(lmforge.GPTConfig(vocab_size=vocab, **shape)).train()
+    from lmforge.checkpoint import hf_to_lmforge
+
+    ours.load_state_dict(hf_to_lmforge(hf.state_dict(), ours.config), strict=False)
+    cfg = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else None
+    opt_ours = make_optimizer(ours, cfg, torch.device("cpu"))
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def ours_step(x, y):
+        with amp or _null():
+            logits = ours(x).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def hf_step(x, y):
+        with amp or _null():
+            logits = hf(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+
+    return ours, ours_step, hf_step
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _timed(step, batches) -> list[float]:
+    out = []
+    for x, y in batches:
+        t0 = time.perf_counter()
+        step(x, y)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def phase_speed(args, workdir: Path) -> None:
+    import lmforge
+
+    data = prepared(workdir)
+    train = lmforge.TokenDataset(data, "train")
+    ours, ours_step, hf_step = _steppers(train.vocab_size, BABY, "fp32")
+    g = torch.Generator().manual_seed(0)
+    batches = [train.random_batch(12, 64, g) for _ in range(args.speed_block)]
+    ours_t, hf_t = [], []
+    _timed(ours_step, batches[:5]), _timed(hf_step, batches[:5])  # warm-up
+    for _ in range(args.speed_rounds):
+        ours_t += _timed(ours_step, batches)
+        hf_t += _timed(hf_step, batches)
+    a, b = statistics.median(ours_t) * 1000, statistics.median(hf_t) * 1000
+    emit("shakespeare_char_ms_per_iter", round(a, 2), "ms", peer=round(b, 2), ratio=round(b / a, 3),
+         config="nanoGPT baby 4x4x128, block 64, batch 12", dtype="fp32", iterations=len(ours_t),
+         note="forward+backward+clip+AdamW, interleaved blocks, median; peer = transformers GPT2LMHeadModel (sdpa)")
+    emit("shakespeare_char_tokens_per_s", round(12 * 64 / a * 1000), "tokens/s", peer=round(12 * 64 / b * 1000),
+         ratio=round(b / a, 3), config="nanoGPT baby, batch 12 x 64", dtype="fp32")
+
+
+def phase_gpt2(args, workdir: Path) -> None:
+    from lmforge.training import matmul_peak_flops
+
+    shape = dict(n_layer=12, n_head=12, n_embd=768, n_positions=args.gpt2_block)
+    vocab = 50304
+    for dtype in ("fp32", "bf16"):
+        ours, ours_step, hf_step = _steppers(vocab, shape, dtype)
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randint(0, vocab, (args.gpt2_batch, args.gpt2_block), generator=g),) * 2
+                   for _ in range(args.gpt2_steps)]
+        _timed(ours_step, batches[:1]), _timed(hf_step, batches[:1])
+        ours_t, hf_t = [], []
+        for x_y in batches:
+            ours_t += _timed(ours_step, [x_y])
+            hf_t += _timed(hf_step, [x_y])
+        a, b = statistics.median(ours_t), statistics.median(hf_t)
+        tokens = args.gpt2_batch * args.gpt2_block
+        n = sum(p.numel() for p in ours.parameters())
+        flops = 6 * n + 12 * 12 * 12 * 64 * args.gpt2_block
+        peak = matmul_peak_flops(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else torch.float32)
+        cond = dict(shape="GPT-2 small 12x768, vocab 50304", block=args.gpt2_block, batch=args.gpt2_batch,
+                    dtype=dtype if dtype == "fp32" else "bf16 autocast, fp32 weights", iterations=len(ours_t),
+                    matmul_peak_gflops=round(peak / 1e9, 1))
+        del ours
+        emit(f"gpt2_small_tokens_per_s_{dtype}", round(tokens / a, 1), "tokens/s", peer=round(tokens / b, 1),
+             ratio=round(b / a, 3), **cond)
+        emit(f"gpt2_small_mfu_{dtype}", round(flops * tokens / a / peak, 4), "fraction of measured matmul peak",
+             peer=round(flops * tokens / b / peak, 4), ratio=round(b / a, 3), **cond)
+
+
+PHASES = {"quality": phase_quality, "speed": phase_speed, "gpt2": phase_gpt2}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: few iterations, short timings")
+    p.add_argument("--phases", default="quality,speed,gpt2")
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--speed-block", type=int, default=20, help="iterations per interleaved block")
+    p.add_argument("--speed-rounds", type=int, default=5)
+    p.add_argument("--gpt2-steps", type=int, default=3)
+    p.add_argument("--gpt2-batch", type=int, default=4)
+    p.add_argument("--gpt2-block", type=int, default=256)
+    args = p.parse_args()
+    if args.quick:
+        args.iters, args.speed_block, args.speed_rounds, args.gpt2_steps, args.gpt2_batch = 50, 5, 1, 1, 1
+    if not DATA.is_file():
+        print(json.dumps({"skipped": f"{DATA} not found (../shared/data is absent)"}))
+        return
+    if args.phase:
+        PHASES[args.phase](args, Path(args.workdir))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for phase in args.phases.split(","):
+            cmd = [sys.executable, __file__, "--phase", phase, "--workdir", tmp, *sys.argv[1:]]
+            subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
