@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "lmforge.cli.pretrain",
     "lmforge.cli.generate",
     "lmforge.cli.evaluate",
+    "lmforge.cli.serve",
 ]
 
 

@@ -1,0 +1,434 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the continuous-batching Engine.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics
+(Prometheus text), GET / (the playground page). Streaming answers are server-sent events exactly as
+OpenAI sends them (`data: {...}` chunks, then `data: [DONE]`). Every error is an OpenAI-style
+`{"error": {...}}` body with a 4xx/5xx status; a request that fails never takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.serve.chat import ChatTemplate
+from lmforge.serve.config import ServerConfig
+from lmforge.serve.engine import Engine, EngineStoppedError, Output, QueueFullError
+from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger("lmforge.serve")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_PUBLIC_PATHS = ("/health", "/")  # the page and its files hold no data; its API calls carry the key
+
+
+class _APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type, param, code)
+
+
+class _Failed(Exception):
+    """The engine reported an error for this request."""
+
+
+def _json(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+class _Limits:
+    """Pure ASGI middleware: the API key on every route but the public ones, and a cap on body size."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.api_key and path not in _PUBLIC_PATHS and not path.startswith("/static/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                body = error_body("Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
+                                  "authentication_error", code="invalid_api_key")
+                return await _json(401, body)(scope, receive, send)
+        length = headers.get("content-length")
+        too_large = error_body(f"request body is larger than the server's limit of {self.max_body} bytes",
+                               code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await _json(413, too_large)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:  # a chunked body without Content-Length
+                    raise StarletteHTTPException(413, too_large["error"]["message"])
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None, chat_template: ChatTemplate | None = None,
+               model_name: str = "model") -> FastAPI:
+    """The FastAPI application; its lifespan starts the engine and stops it (cancelling what still runs)."""
+    config = config or ServerConfig()
+    name = config.served_model_name or model_name
+    template = chat_template or ChatTemplate()
+    tokenizer = engine.tokenizer
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Limits, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # ---- errors: always OpenAI's body ------------------------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+        elif where:
+            message = f"{where}: {message}"
+        return _json(400, error_body(message, param=None if first.get("type") == "json_invalid" or not loc else loc[0]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _json(exc.status_code, error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                                                 else "server_error"))
+
+    @app.exception_handler(_APIError)
+    async def _api(request: Request, exc: _APIError) -> JSONResponse:
+        return _json(exc.status, exc.body)
+
+    @app.exception_handler(QueueFullError)
+    async def _busy(request: Request, exc: QueueFullError) -> JSONResponse:
+        return _json(429, error_body(str(exc), "rate_limit_error", code="rate_limit_exceeded"))
+
+    @app.exception_handler(EngineStoppedError)
+    async def _stopped(request: Request, exc: EngineStoppedError) -> JSONResponse:
+        return _json(503, error_body(str(exc), "server_error", code="service_unavailable"))
+
+    @app.exception_handler(ConfigError)
+    async def _bad(request: Request, exc: ConfigError) -> JSONResponse:
+        return _json(400, error_body(str(exc)))
+
+    @app.exception_handler(_Failed)
+    async def _failed(request: Request, exc: _Failed) -> JSONResponse:
+        return _json(500, error_body(str(exc), "server_error"))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _json(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+    # ---- plain routes ----------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "lmforge", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(_prometheus(engine.metrics()))
+
+    @app.get("/")
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    def check_model(requested: str | None) -> None:
+        if requested is not None and requested != name:
+            raise _APIError(404, f"The model `{requested}` does not exist; this server serves `{name}`",
+                            param="model", code="model_not_found")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text)
+
+    # ---- completions -----------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        if body.echo:
+            raise _APIError(400, "echo is not supported by this server", param="echo")
+        if body.suffix:
+            raise _APIError(400, "suffix is not supported by this server", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise _APIError(400, "best_of other than n is not supported by this server", param="best_of")
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompts = [encode(prompt)]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [encode(p) for p in prompt]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            prompts = [list(p) for p in prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            raise _APIError(400, "prompt must be a non-empty string, list of strings, or token ids", param="prompt")
+        params = body.sampling_params(body.max_tokens or 16, body.logprobs)
+        rid, kind = f"cmpl-{uuid.uuid4().hex}", "text_completion"
+        head = {"id": rid, "object": kind, "created": int(time.time()), "model": name}
+        job = _Job(engine, prompts, params, body.n)
+
+        def choice_logprobs(outs: list[Output], offset: int) -> dict | None:
+            if body.logprobs is None:
+                return None
+            tokens = [tokenizer.decode([o.token_id]) for o in outs if o.token_id is not None]
+            tops, offsets = [], []
+            for o, tok in zip((o for o in outs if o.token_id is not None), tokens):
+                tops.append(None if o.top_logprobs is None else
+                            {tokenizer.decode([t]): lp for t, lp in o.top_logprobs})
+                offsets.append(offset)
+                offset += len(tok)
+            return {"tokens": tokens, "token_logprobs": [o.logprob for o in outs if o.token_id is not None],
+                    "top_logprobs": tops, "text_offset": offsets}
+
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                offsets = [0] * job.total
+                async for out in job.events(request):
+                    if not (out.text or out.finish_reason or body.logprobs is not None):
+                        continue
+                    choice = {"index": out.index, "text": out.text,
+                              "logprobs": choice_logprobs([out], offsets[out.index]), "finish_reason": out.finish_reason}
+                    offsets[out.index] += len(out.text)
+                    yield {**head, "choices": [choice]}
+            return _sse(job, chunks(), head, body.include_usage)
+
+        results = await job.collect(request)
+        choices = [{"index": i, "text": "".join(o.text for o in outs), "logprobs": choice_logprobs(outs, 0),
+                    "finish_reason": outs[-1].finish_reason if outs else "abort"} for i, outs in enumerate(results)]
+        return {**head, "choices": choices, "usage": job.usage()}
+
+    # ---- chat completions ------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        prompt = encode(template.render(messages, add_generation_prompt=True))
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = engine.max_model_len - max(1, len(prompt))
+            if max_tokens < 1:
+                raise _APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; "
+                                     f"the messages take {len(prompt)}. Please reduce the length of the messages.",
+                                param="messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens, logprobs, extra_stop=template.stop)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        job = _Job(engine, [prompt], params, body.n)
+
+        def chat_logprobs(outs: list[Output]) -> dict | None:
+            if logprobs is None:
+                return None
+            content = []
+            for o in outs:
+                if o.token_id is None:
+                    continue
+                token = tokenizer.decode([o.token_id])
+                top = [{"token": (t := tokenizer.decode([i])), "logprob": lp, "bytes": list(t.encode())}
+                       for i, lp in (o.top_logprobs or [])]
+                content.append({"token": token, "logprob": o.logprob, "bytes": list(token.encode()),
+                                "top_logprobs": top})
+            return {"content": content}
+
+        if body.stream:
+            head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
+                    "system_fingerprint": None}
+
+            async def chunks() -> AsyncIterator[dict]:
+                for i in range(job.total):  # the role comes first, as OpenAI sends it
+                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]}
+                async for out in job.events(request):
+                    if not (out.text or out.finish_reason or logprobs is not None):
+                        continue
+                    delta = {"content": out.text} if out.text else {}
+                    yield {**head, "choices": [{"index": out.index, "delta": delta, "logprobs": chat_logprobs([out]),
+                                                "finish_reason": out.finish_reason}]}
+            return _sse(job, chunks(), head, body.include_usage)
+
+        results = await job.collect(request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+                    "logprobs": chat_logprobs(outs), "finish_reason": outs[-1].finish_reason if outs else "abort"}
+                   for i, outs in enumerate(results)]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "system_fingerprint": None, "choices": choices, "usage": job.usage()}
+
+    return app
+
+
+class _Job:
+    """One request in flight: submits to the engine, turns its thread-side events into an async stream,
+    and cancels the request in the engine when the client goes away or the handler is cancelled."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: Any, n: int) -> None:
+        self.engine = engine
+        self.total = len(prompts) * n
+        self.prompt_tokens = sum(max(1, len(p)) for p in prompts)
+        self.completion_tokens = 0
+        self.finished = 0
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.request = engine.submit(prompts, params, n, self._push)  # raises ConfigError / QueueFullError
+
+    def _push(self, output: Output) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.total
+
+    async def events(self, http: Request) -> AsyncIterator[Output]:
+        """Outputs until every choice has finished; raises _Failed on an engine error."""
+        try:
+            while not self.done:
+                try:
+                    out = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if out.error is not None:
+                    self.finished = self.total
+                    raise _Failed(out.error)
+                if out.token_id is not None:
+                    self.completion_tokens += 1
+                if out.finish_reason is not None:
+                    self.finished += 1
+                yield out
+        finally:
+            if not self.done:
+                self.engine.cancel(self.request)  # the client left: free the slots at the next step
+
+    async def collect(self, http: Request) -> list[list[Output]]:
+        results: list[list[Output]] = [[] for _ in range(self.total)]
+        async for out in self.events(http):
+            results[out.index].append(out)
+        return results
+
+
+def _sse(job: _Job, chunks: AsyncIterator[dict], head: dict, include_usage: bool) -> StreamingResponse:
+    """Server-sent events as OpenAI streams them. Usage comes in a last chunk with no choices when
+    stream_options.include_usage is set, else on the chunk that finishes the last choice."""
+
+    def event(data: dict | str) -> bytes:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        return f"data: {text}\n\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                if include_usage:
+                    chunk["usage"] = None
+                elif job.done and chunk["choices"] and chunk["choices"][0].get("finish_reason"):
+                    chunk["usage"] = job.usage()
+                yield event(chunk)
+            if include_usage:
+                yield event({**head, "choices": [], "usage": job.usage()})
+        except _Failed as e:
+            yield event(error_body(str(e), "server_error"))
+        yield event("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _prometheus(metrics: dict[str, Any]) -> str:
+    lines = []
+    for key, value in metrics.items():
+        if key == "batch_size_steps":
+            lines.append("# TYPE lmforge_batch_size_steps counter")
+            lines += [f'lmforge_batch_size_steps{{size="{size}"}} {count}' for size, count in sorted(value.items())]
+        elif isinstance(value, (int, float)):
+            counter = not key.startswith(("num_", "max_"))
+            metric = f"lmforge_{key}_total" if counter else f"lmforge_{key}"
+            lines.append(f"# TYPE {metric} {'counter' if counter else 'gauge'}")
+            lines.append(f"{metric} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port (port 0: a free port; read it from getsockname())."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run_server(engine: Engine, config: ServerConfig, chat_template: ChatTemplate | None = None,
+               model_name: str = "model", on_listen: Any = None) -> int:
+    """Serve until SIGTERM/SIGINT: stop accepting, give running requests config.shutdown_timeout
+    seconds to finish, cancel the rest, return 0. `on_listen(host, port)` is called once bound."""
+    import uvicorn
+
+    app = create_app(engine, config, chat_template, model_name)
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
+                                           timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
+    received: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn re-raises the signal it stopped on after shutting down; a handler of our own turns that
+    # into a normal return, so the process exits 0 after a graceful stop.
+    previous = {s: signal.signal(s, lambda sig, frame: received.append(sig)) for s in (signal.SIGTERM,)} if main else {}
+    if on_listen is not None:
+        on_listen(host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sock.close()
+    if not server.started:
+        raise LmforgeError(f"the server on {host}:{port} failed to start (see the log above)")
+    return 0
