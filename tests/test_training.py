@@ -405,3 +405,20 @@ def test_too_small_data_and_empty_val_split_are_clear_errors(tmp_path):
     assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "lmforge", "plot", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert done.returncode == 2 and "not a directory" in done.stderr
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(dataset, tmp_path, error):
+    trainer = make_trainer(dataset, tmp_path / "run", max_steps=3)
+
+    def too_big(model, batch):
+        raise error
+
+    trainer.loss_fn = too_big
+    with pytest.raises(TrainingError, match=r"out of memory at batch_size=4.*--grad-accum"):
+        trainer.train()
+    trainer = make_trainer(dataset, tmp_path / "other", max_steps=3)
+    trainer.loss_fn = lambda model, batch: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not dressed up as OOM
+        trainer.train()

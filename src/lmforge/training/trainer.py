@@ -238,7 +238,11 @@ class Trainer:
                     loss = loss_sum * (dist.world_size / total_items)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 step_loss += loss_sum.detach().to(torch.float64)
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError "can't allocate memory".
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(f"out of memory at batch_size={cfg.batch_size} (block {cfg.block_size}): use a smaller "
                                 f"--batch-size with a larger --grad-accum (same global batch), --grad-checkpointing, "
                                 f"or --dtype bf16") from e
