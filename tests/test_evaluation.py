@@ -176,7 +176,7 @@ def test_classification_scorer_works_with_any_callable(tmp_path):
         evaluation.evaluate_classification(lambda texts: ["x"], rows, batch_size=3)
 
 
-def test_cli_classify_says_when_classification_checkpoints_arrive(tiny, tmp_path, capsys):
+def test_cli_classify_on_a_language_model_says_it_needs_a_classification_head(tiny, tmp_path, capsys):
     _, _, directory = tiny
     data = tmp_path / "val.jsonl"
     data.write_text('{"text": "a", "label": "positive"}\n')

@@ -16,6 +16,7 @@ from lmforge.data import TokenDataset, prepare
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.generation import GenerationConfig
 from lmforge.model import GPT, CausalLMOutput, KVCache, attention_reference, lm_loss
+from lmforge.tasks import GPTForSequenceClassification, apply_lora, merge_lora, pipeline
 from lmforge.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ __all__ = [
     "checkpoint_info", "attention_reference", "lm_loss", "errors", "LmforgeError", "ConfigError",
     "CheckpointError", "DataError", "__version__",
     "Tokenizer", "CharTokenizer", "TokenDataset", "prepare", "GenerationConfig", "metrics",
+    "pipeline", "GPTForSequenceClassification", "apply_lora", "merge_lora",
 ]

@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "lmforge.cli.tokenizer",
     "lmforge.cli.prepare",
     "lmforge.cli.pretrain",
+    "lmforge.cli.finetune",
+    "lmforge.cli.lora",
     "lmforge.cli.generate",
     "lmforge.cli.evaluate",
     "lmforge.cli.serve",

@@ -1,0 +1,131 @@
+"""Labeled examples for fine-tuning: JSONL readers that name `file:line`, and the batch sources
+the trainer draws from (shuffled epochs, seeded, split across ranks, resumable).
+
+A source has `next_batch() -> dict[str, Tensor]`, `state_dict()` / `load_state_dict()` (its
+position) and `num_tokens(batch)`; `val_batches(...)` makes the zero-argument callable the trainer
+uses for validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from lmforge.errors import DataError
+
+
+@dataclass
+class Record:
+    """One JSONL row and where it came from (for error messages)."""
+
+    row: dict[str, Any]
+    path: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: str = "--train") -> list[Record]:
+    """Every object of a JSONL file; fails on bad JSON, a non-object row or a missing field,
+    naming the option, `file:line` and the fields the row does have."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{option} {path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{option} {path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{option} {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [name for name in fields if name not in row]
+            if missing:
+                raise DataError(
+                    f"{option} {path}:{lineno}: missing field(s) {missing} (the row has {sorted(row)}); "
+                    f"pick the right field names with the field options of the command"
+                )
+            records.append(Record(row, str(path), lineno))
+    if not records:
+        raise DataError(f"{option} {path}: the file has no rows")
+    return records
+
+
+class ShuffledSource:
+    """Batches of `batch_size` examples drawn in a seeded random order, epoch after epoch.
+
+    Each epoch is a fresh permutation (seed + epoch); rank r of `world_size` takes every
+    world_size-th index of it, so ranks see disjoint examples. `collate(examples) -> dict` builds
+    the tensors. The position (epoch, offset) is the whole state: a resumed run continues with the
+    same batches.
+    """
+
+    def __init__(
+        self, examples: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        *, seed: int = 0, rank: int = 0, world_size: int = 1,
+    ) -> None:
+        if not examples:
+            raise DataError("no training examples to draw batches from")
+        if len(examples) < world_size:
+            raise DataError(f"{len(examples)} examples cannot be split across {world_size} processes")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.collate = collate
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.examples), generator=g).tolist()
+        usable = len(order) - len(order) % self.world_size  # every rank gets the same count
+        return order[:usable][self.rank::self.world_size]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        picked = []
+        while len(picked) < self.batch_size:
+            if self.offset >= len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = self._order[self.offset: self.offset + self.batch_size - len(picked)]
+            picked.extend(self.examples[i] for i in take)
+            self.offset += len(take)
+        return self.collate(picked)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.examples)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("size", len(self.examples)) != len(self.examples):
+            raise DataError(f"the training data changed since the run was saved: {state['size']} examples then, "
+                            f"{len(self.examples)} now; resume with the same data or start a new run")
+        self.seed = state.get("seed", self.seed)
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation(self.epoch)
+
+    @staticmethod
+    def num_tokens(batch: dict[str, torch.Tensor]) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def val_batches(
+    examples: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+    """A zero-argument callable that yields the validation examples in order, in batches."""
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, len(examples), batch_size):
+            yield collate(list(examples[i: i + batch_size]))
+
+    return batches

@@ -1,0 +1,277 @@
+"""Fine-tuning recipes: labeled JSONL + a base model -> the shared Trainer -> a normal model directory.
+
+    finetune_classifier(config, model="gpt2", train="train.jsonl", val="val.jsonl")   # accuracy / macro F1
+    finetune_sft(config, model="gpt2", train=..., val=..., task="translation")       # loss on responses only
+
+Both start from an lmforge or Hugging Face GPT-2 checkpoint (or, for offline smoke runs, a preset
+with random weights), optionally train LoRA adapters only, and save through the model's
+save_pretrained, so `lmforge generate`, `evaluate` and the server load the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import torch
+
+from lmforge.config import PRESETS, preset
+from lmforge.errors import ConfigError, DataError
+from lmforge.tasks.classification import (
+    GPTForSequenceClassification, balanced_class_weights, classification_loss, collate_classification,
+    encode_texts,
+)
+from lmforge.tasks.data import Record, ShuffledSource, read_records, val_batches
+from lmforge.tasks.lora import apply_lora, describe_trainable
+from lmforge.tasks.sft import CONFIG_KEY, SFTStats, build_sft_examples, collate_sft, make_template, pack_examples
+from lmforge.training import distributed as D
+from lmforge.training.config import TrainConfig
+from lmforge.training.trainer import Trainer, TrainResult, causal_lm_loss
+
+
+@dataclass
+class LoRASettings:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Sequence[str] = ("c_attn",)
+    dropout: float = 0.0
+
+
+@dataclass
+class FinetuneOutcome:
+    result: TrainResult
+    notes: list[str] = field(default_factory=list)  # what a user should see: truncation, labels, trainable count
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Notes(list):
+    """Messages for the user, printed to stderr as they come (before training starts) when verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def append(self, text: str) -> None:
+        super().append(text)
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
+
+
+# ---- shared pieces -----------------------------------------------------------------------------
+
+
+def load_tokenizer(spec: str | None, model_spec: str) -> Any:
+    """--tokenizer: "byte", a directory / Hub name, or (default) the model's own."""
+    from lmforge.tokenizer import Tokenizer
+
+    if spec == "byte" or (spec is None and model_spec in PRESETS):
+        return Tokenizer.byte_level()
+    return Tokenizer.from_pretrained(spec or model_spec)
+
+
+def _is_preset(spec: str) -> bool:
+    return spec in PRESETS and not Path(spec).exists()
+
+
+def _label_key(label: Any, where: str) -> Hashable:
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise DataError(f"{where}: label {label!r} must be a string or an integer (class name or id)")
+    return label
+
+
+def _label_set(records: Sequence[Record], field_name: str) -> list[Hashable]:
+    labels = {}
+    for r in records:
+        labels.setdefault(_label_key(r.row[field_name], r.where), r.where)
+    kinds = {type(x) for x in labels}
+    if len(kinds) > 1:
+        raise DataError(f"labels mix strings and integers ({sorted(map(repr, labels))[:6]}); use one kind, "
+                        f"e.g. {records[0].path}:{records[0].line}")
+    return sorted(labels)
+
+
+def _check_val_labels(train_labels: list[Hashable], val: Sequence[Record], field_name: str, train_path: str) -> None:
+    known = set(train_labels)
+    seen = set()
+    for r in val:
+        label = _label_key(r.row[field_name], r.where)
+        if label not in known:
+            raise DataError(f"{r.where}: label {label!r} does not occur in the training data {train_path} "
+                            f"(train labels: {train_labels}); the label sets of --train and --val must be the same")
+        seen.add(label)
+    if seen != known:
+        missing = sorted(known - seen, key=str)
+        raise DataError(f"--val {val[0].path}: has no example of label(s) {missing} that --train {train_path} has; "
+                        f"the label sets of --train and --val must be the same")
+
+
+def _maybe_lora(model: torch.nn.Module, lora: LoRASettings | None, base: str, notes: list[str]) -> torch.nn.Module:
+    if lora is not None:
+        model = apply_lora(model, lora.rank, lora.alpha, list(lora.targets), lora.dropout, base_model=base)
+        notes.append(f"LoRA rank {lora.rank}, alpha {lora.alpha} on {len(model.lora_settings['modules'])} modules "
+                     f"({', '.join(lora.targets)})")
+    notes.append(describe_trainable(model))
+    return model
+
+
+def _finish(config: TrainConfig, dist: D.DistInfo, plot: bool, notes: list[str]) -> None:
+    if plot and dist.is_main:
+        from lmforge.training.plot import plot_run
+
+        notes.append(f"loss plot: {plot_run(config.out_dir)}")
+    D.shutdown(dist)
+
+
+# ---- classification ----------------------------------------------------------------------------
+
+
+def finetune_classifier(
+    config: TrainConfig, model: str, train: str, val: str | None = None, *, text_field: str = "text",
+    label_field: str = "label", tokenizer: str | None = None, class_weights: str | Sequence[float] | None = None,
+    lora: LoRASettings | None = None, max_length: int | None = None, eval_limit: int | None = None,
+    verbose: bool = True, plot: bool = True,
+) -> FinetuneOutcome:
+    """Train a sequence classifier: labels from the data, accuracy and macro F1 on val after every
+    evaluation, the best (by accuracy unless config.best_metric says otherwise) kept in RUN/best."""
+    from lmforge import metrics
+
+    dist = D.init_distributed(config.device)
+    torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
+    notes = Notes(verbose and dist.is_main)
+    records = read_records(train, [text_field, label_field], "--train")
+    labels = _label_set(records, label_field)
+    if len(labels) < 2:
+        raise DataError(f"--train {train}: every example has label {labels[0]!r}; a classifier needs two labels or more")
+    val_records = read_records(val, [text_field, label_field], "--val") if val else []
+    if val_records:
+        _check_val_labels(labels, val_records, label_field, train)
+    tok = load_tokenizer(tokenizer, model)
+    if _is_preset(model):
+        clf = GPTForSequenceClassification(preset(model, vocab_size=tok.vocab_size), labels)
+    else:
+        clf = GPTForSequenceClassification.from_pretrained(model, labels=labels, device="cpu", dtype="fp32")
+    pad = next(i for i in (tok.pad_token_id, clf.config.pad_token_id, tok.eos_token_id, 0) if i is not None)
+    clf.config.pad_token_id = pad  # transformers finds the last real token through it
+    limit = min(max_length or clf.config.n_positions, clf.config.n_positions)
+    label_id = {label: i for i, label in enumerate(labels)}
+
+    def encode(recs: Sequence[Record]) -> list[tuple[list[int], int]]:
+        texts = [str(r.row[text_field]) for r in recs]
+        ids = encode_texts(tok, texts, limit)
+        return [(row or [pad], label_id[r.row[label_field]]) for row, r in zip(ids, recs)]
+
+    train_examples = encode(records)
+    cut = sum(len(tok.encode(str(r.row[text_field]))) > limit for r in records[:2000])
+    if cut:
+        notes.append(f"{cut} of the first {min(len(records), 2000)} training texts were cut to {limit} tokens")
+    counts = torch.bincount(torch.tensor([y for _, y in train_examples]), minlength=len(labels)).tolist()
+    notes.append("labels: " + ", ".join(f"{label!r} ({n})" for label, n in zip(labels, counts)))
+    weights = _class_weights(class_weights, [y for _, y in train_examples], len(labels))
+    net = _maybe_lora(clf, lora, model, notes)
+    collate = functools.partial(collate_classification, pad_id=pad)
+    source = ShuffledSource(train_examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
+                            world_size=dist.world_size)
+    val_examples = encode(val_records) if val_records else []
+    eval_fn = None
+    if val_examples:
+        shown = val_examples[:eval_limit] if eval_limit else val_examples
+
+        @torch.no_grad()
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            device = next(m.parameters()).device
+            predictions = []
+            for i in range(0, len(shown), config.batch_size * 2):
+                batch = collate(shown[i: i + config.batch_size * 2])
+                logits = m(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+                predictions.extend(logits.argmax(-1).tolist())
+            report = metrics.classification_metrics(predictions, [y for _, y in shown], labels=list(range(len(labels))))
+            return {"accuracy": report["accuracy"], "macro_f1": report["macro"]["f1"]}
+
+    if config.best_metric is None:
+        config = config.replace(best_metric="accuracy" if eval_fn else None, best_mode="max")
+    extra = {"task": "classify", "base_model": model, "labels": [str(x) for x in labels],
+             "data": {"train": str(train), "val": str(val) if val else None, "text_field": text_field,
+                      "label_field": label_field, "train_examples": len(train_examples)},
+             "class_weights": weights.tolist() if weights is not None else None,
+             "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
+    loss_fn = functools.partial(classification_loss, class_weights=weights)
+    val_source = val_batches(val_examples, config.batch_size, collate) if val_examples else None
+    trainer = Trainer(net, config, source, val_source, loss_fn=loss_fn, eval_fn=eval_fn, tokenizer=tok,
+                      extra_config=extra, dist=dist)
+    result = trainer.train()
+    _finish(config, dist, plot, notes)
+    return FinetuneOutcome(result, list(notes), {"labels": labels, "label_counts": counts})
+
+
+def _class_weights(spec: str | Sequence[float] | None, label_ids: list[int], k: int) -> torch.Tensor | None:
+    if spec is None or spec == "none":
+        return None
+    if spec == "balanced":
+        return balanced_class_weights(label_ids, k)
+    values = [float(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    if len(values) != k or any(v <= 0 for v in values):
+        raise ConfigError(f"--class-weights needs 'balanced' or {k} positive numbers (one per label, in label order), "
+                          f"got {spec!r}")
+    return torch.tensor(values)
+
+
+# ---- supervised fine-tuning (conditional generation) -------------------------------------------
+
+
+def finetune_sft(
+    config: TrainConfig, model: str, train: str, val: str | None = None, *, task: str = "custom",
+    prompt_template: str | None = None, response_template: str | None = None, document_field: str | None = None,
+    tokenizer: str | None = None, pack: bool = False, lora: LoRASettings | None = None,
+    max_length: int | None = None, verbose: bool = True, plot: bool = True,
+) -> FinetuneOutcome:
+    """Train a language model on prompt -> response pairs (loss on response tokens only); the
+    template is stored in the saved config.json so pipelines and evaluation reuse it."""
+    from lmforge.checkpoint import load_model
+    from lmforge.model import GPT
+
+    dist = D.init_distributed(config.device)
+    torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
+    template = make_template(task, prompt_template, response_template, document_field)
+    notes = Notes(verbose and dist.is_main)
+    records = read_records(train, template.fields, "--train")
+    val_records = read_records(val, template.fields, "--val") if val else []
+    tok = load_tokenizer(tokenizer, model)
+    if tok.eos_token_id is None:
+        raise ConfigError("the tokenizer has no eos token; SFT ends every response with eos")
+    gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_model(model, dtype="fp32", device="cpu")
+    if gpt.config.vocab_size < tok.vocab_size:
+        raise ConfigError(f"--model {model} has vocab_size {gpt.config.vocab_size}, smaller than the tokenizer's "
+                          f"{tok.vocab_size}; use the model's own tokenizer")
+    gpt.config.extra[CONFIG_KEY] = template.to_dict()
+    limit = min(max_length or gpt.config.n_positions, gpt.config.n_positions)
+    examples, stats = build_sft_examples(records, tok, template, limit)
+    notes.append(f"train: {stats.summary()}")
+    val_examples: list = []
+    val_stats = SFTStats()
+    if val_records:
+        val_examples, val_stats = build_sft_examples(val_records, tok, template, limit)
+        notes.append(f"val: {val_stats.summary()}")
+    if pack:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        before = len(examples)
+        examples = pack_examples([examples[i] for i in order], limit)
+        notes.append(f"packing: {before} examples in {len(examples)} rows of up to {limit + 1} tokens")
+    net = _maybe_lora(gpt, lora, model, notes)
+    collate = functools.partial(collate_sft, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    source = ShuffledSource(examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
+                            world_size=dist.world_size)
+    val_source = val_batches(val_examples, config.batch_size, collate) if val_examples else None
+    if config.best_metric is None and val_source is not None:
+        config = config.replace(best_metric="val_loss", best_mode="min")
+    extra = {"task": f"sft:{task}", "base_model": model, "template": template.to_dict(), "pack": pack,
+             "data": {"train": str(train), "val": str(val) if val else None, "train_examples": stats.examples,
+                      "truncated": stats.truncated, "max_length": limit},
+             "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
+    trainer = Trainer(net, config, source, val_source, loss_fn=causal_lm_loss, tokenizer=tok, extra_config=extra,
+                      dist=dist)
+    result = trainer.train()
+    _finish(config, dist, plot, notes)
+    return FinetuneOutcome(result, list(notes), {"train": vars(stats), "val": vars(val_stats)})

@@ -1,0 +1,298 @@
+"""LoRA: low-rank adapters on frozen linear layers (Hu et al. 2021).
+
+    h = W x + (alpha / r) B A x,    A: (r, in) ~ Kaiming-uniform,  B: (out, r) = 0
+
+so training starts from exactly the base model and updates r (in + out) numbers per layer instead of
+in x out. `apply_lora(model, rank, alpha, targets)` freezes the model, wraps the matching
+projections and returns a `LoRAModel`; `merge_lora` folds B A into W for export.
+
+A LoRAModel's `save_pretrained(dir)` writes the *merged* weights as a normal model directory
+(what `lmforge generate`, the server and transformers load) plus the adapters beside them
+(`lora_adapter.safetensors`, `lora_config.json`: rank, alpha, targets, base model). `load_weights`
+restores the adapters (the frozen base is already in place), which is what a resumed run needs;
+`lmforge merge-lora` rebuilds a merged directory from a base and an adapter directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lmforge._io import write_atomic, write_json_atomic
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+
+ADAPTER_WEIGHTS = "lora_adapter.safetensors"
+ADAPTER_CONFIG = "lora_config.json"
+DEFAULT_TARGETS = ("c_attn",)
+# GPT-2's projections: attention (c_attn = [W^Q|W^K|W^V], attn.c_proj = W^O) and MLP (c_fc, mlp.c_proj).
+KNOWN_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "c_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: base(x) + scale * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = (self.dropout(x) @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)  # (.., r) -> (.., out)
+        return self.base(x) + self.scale * update
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A, the (out, in) change merging adds to the base weight."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with W + scale B A (a new module; this one is unchanged)."""
+        out = copy.deepcopy(self.base)
+        with torch.no_grad():
+            out.weight.copy_((out.weight.float() + self.delta_weight()).to(out.weight.dtype))
+        for p in out.parameters():
+            p.requires_grad_(True)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, target: str) -> bool:
+    """A target is a dotted name suffix ("c_attn", "mlp.c_proj", "h.0.attn.c_attn") or a regex (re:...)."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+
+
+def apply_lora(
+    model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS,
+    dropout: float = 0.0, trainable: Sequence[str] | None = None, base_model: str | None = None,
+) -> "LoRAModel":
+    """Freeze `model`, wrap each nn.Linear whose name matches a target in LoRALinear, return a LoRAModel.
+
+    trainable: names of modules kept fully trainable besides the adapters (default: a
+    classifier's "score" head, which starts random and must learn). Targets that match no module
+    raise ConfigError listing the projections there are.
+    """
+    if isinstance(model, LoRAModel):
+        raise ConfigError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
+    if not targets:
+        raise ConfigError("--lora-targets is empty; name projections such as c_attn c_proj c_fc")
+    if trainable is None:
+        trainable = ["score"] if hasattr(model, "score") else []
+    # The LM head is tied to the token embedding; an adapter there would untie it on merge.
+    names = [n for n in _linear_names(model) if not n.endswith("lm_head")]
+    chosen = {t: [n for n in names if _matches(n, t)] for t in targets}
+    unmatched = [t for t, hits in chosen.items() if not hits]
+    if unmatched:
+        short = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n in names})
+        raise ConfigError(f"LoRA target(s) {unmatched} match no linear module; the model's projections are "
+                          f"{', '.join(short)} (give a name suffix such as c_attn or mlp.c_proj, or re:REGEX)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = sorted({n for hits in chosen.values() for n in hits})
+    for name in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    for name in trainable:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"trainable module {name!r} does not exist in the model") from None
+        for p in module.parameters():
+            p.requires_grad_(True)
+    settings = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                "modules": wrapped, "trainable": list(trainable), "base_model": base_model}
+    return LoRAModel(model, settings)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """The model with every adapter folded into its base weight: a plain model (a new object for
+    a LoRAModel, whose own weights are untouched), with all parameters trainable again."""
+    inner = copy.deepcopy(model.model if isinstance(model, LoRAModel) else model)
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = inner.get_submodule(parent_name) if parent_name else inner
+            setattr(parent, child, module.merged())
+    for p in inner.parameters():
+        p.requires_grad_(True)
+    return inner
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) distinct parameters; tied weights count once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total
+
+
+def describe_trainable(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.3f}%)"
+
+
+class LoRAModel(nn.Module):
+    """A model with LoRA adapters. Calls and attributes go to the wrapped model (`.model`);
+    saving writes merged weights plus the adapters, loading restores the adapters."""
+
+    def __init__(self, model: nn.Module, settings: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.lora_settings = settings
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return getattr(self.model, "gradient_checkpointing", False)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.model.gradient_checkpointing = value
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor (the adapters and any `trainable` module), by the wrapped model's names."""
+        return {name: p.detach().contiguous().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """lora_adapter.safetensors + lora_config.json (atomic writes)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.adapter_state_dict()
+        write_atomic(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        write_json_atomic(directory / ADAPTER_CONFIG, self.lora_settings)
+        return directory
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str | None = None,
+                        tokenizer: Any = None) -> None:
+        """A normal model directory of the merged weights, with the adapters beside it."""
+        merge_lora(self).save_pretrained(directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
+        self.save_adapter(directory)
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        """Restore the adapters (and trainable modules) save_pretrained wrote, in place and strictly."""
+        state = read_adapter(directory)
+        own = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: does not fit these adapters: "
+                                  f"missing {missing[:4]}, unexpected {unexpected[:4]} (same --lora-rank/--lora-targets?)")
+        with torch.no_grad():
+            for name, p in own.items():
+                if state[name].shape != p.shape:
+                    raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: {name} has shape "
+                                          f"{tuple(state[name].shape)}, the model has {tuple(p.shape)}")
+                p.copy_(state[name])
+
+
+def read_adapter(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a LoRA adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    import json
+
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a LoRA adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    for key in ("rank", "alpha", "modules"):
+        if key not in settings:
+            raise CheckpointError(f"{path}: no {key!r} key; was it written by lmforge?")
+    return settings
+
+
+def load_lora(base: nn.Module, directory: str | os.PathLike) -> LoRAModel:
+    """Put the adapters of `directory` on `base` (the model they were trained from)."""
+    settings = read_adapter_config(directory)
+    model = apply_lora(base, rank=settings["rank"], alpha=settings["alpha"],
+                       targets=[f"re:{re.escape(m)}" for m in settings["modules"]],
+                       dropout=settings.get("dropout", 0.0), trainable=settings.get("trainable", []),
+                       base_model=settings.get("base_model"))
+    model.lora_settings = settings
+    model.load_weights(directory)
+    return model.eval()
+
+
+def merge_lora_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
+                   tokenizer: str | None = None) -> nn.Module:
+    """`lmforge merge-lora`: base model + the adapters of `adapter_dir` -> a merged model directory.
+
+    The base is `base` or the base_model recorded in lora_config.json; a classifier's adapters
+    (with a trained `score` head) are put on the base read as a classifier with the adapter
+    directory's labels. Returns the merged model.
+    """
+    from lmforge.checkpoint import load_model
+    from lmforge.tokenizer import Tokenizer
+
+    settings = read_adapter_config(adapter_dir)
+    base = base or settings.get("base_model")
+    if not base:
+        raise ConfigError(f"{Path(adapter_dir) / ADAPTER_CONFIG} records no base model; pass --base PATH_OR_NAME")
+    if "score.weight" in read_adapter(adapter_dir):
+        from lmforge.tasks.classification import GPTForSequenceClassification, _labels_from_config
+        from lmforge.checkpoint import load_config
+
+        labels = _labels_from_config(load_config(adapter_dir))
+        model: nn.Module = GPTForSequenceClassification.from_pretrained(base, labels=labels, device="cpu")
+    else:
+        model = load_model(base, device="cpu")
+    merged = merge_lora(load_lora(model, adapter_dir))
+    tok = None
+    for source in (tokenizer, adapter_dir, base):
+        if source is None:
+            continue
+        try:
+            tok = Tokenizer.from_pretrained(source)
+            break
+        except (LmforgeError, OSError):  # no tokenizer files there: try the next place
+            continue
+    merged.save_pretrained(out_dir, tokenizer=tok)
+    return merged
