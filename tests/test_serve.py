@@ -259,6 +259,34 @@ def test_malformed_and_oversized_bodies_get_error_bodies(server):
     assert httpx.post(url, json={"model": NAME, "prompt": "ok", "max_tokens": 1}).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_megabyte_of_garbage_gets_an_error_body_and_the_server_carries_on(server, path):
+    garbage = os.urandom(1_000_000)  # the body limit exactly: it reaches the JSON parser
+    for headers in ({"content-type": "application/json"}, {"content-type": "application/octet-stream"}, {}):
+        r = httpx.post(server.url + path, content=garbage, headers=headers, timeout=30)
+        assert r.status_code == 400, (headers, r.status_code, r.text[:200])
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + path, content=garbage + os.urandom(48_576), timeout=30)  # 1 MiB: over the limit
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(server.url + "/health").text == "ok"
+    out = server.client().completions.create(model=NAME, prompt="after garbage", max_tokens=3)
+    assert out.usage.completion_tokens == 3
+
+
+def test_max_tokens_far_past_the_context_is_refused_and_the_server_carries_on(server):
+    client = server.client()
+    for max_tokens in (10**6, 2**63 - 1, 10**30):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=NAME, prompt="hi", max_tokens=max_tokens)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=max_tokens)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=NAME, prompt="hi", max_tokens=10**6, stream=True)
+    assert server.metrics()["lmforge_num_running"] == 0
+    assert client.completions.create(model=NAME, prompt="hi", max_tokens=4).usage.completion_tokens == 4
+
+
 def test_api_key_guards_every_route_but_health(model_dir):
     with running_server(model_dir, api_key="sekrit") as s:
         assert httpx.get(s.url + "/health").status_code == 200
@@ -376,6 +404,28 @@ def test_full_queue_answers_429_at_once(model_dir):
         assert not waiting.is_alive()
 
 
+def test_a_burst_beyond_the_queue_bound_gets_429s_and_the_server_recovers(model_dir):
+    with running_server(model_dir, step_delay=0.005, engine_kw={"max_batch_size": 2, "max_queue": 3}) as s:
+        body = {"model": NAME, "prompt": "burst", "max_tokens": 50, "ignore_eos": True}
+        statuses: list[int] = []
+
+        def post() -> None:
+            statuses.append(httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code)
+
+        burst = [threading.Thread(target=post) for _ in range(24)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(timeout=60)
+        assert len(statuses) == 24 and set(statuses) <= {200, 429}, statuses
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 5  # 2 running + 3 waiting at least
+        m = s.metrics()
+        assert m["lmforge_num_running"] == 0 and m["lmforge_num_waiting"] == 0
+        assert httpx.get(s.url + "/health").status_code == 200
+        out = s.client().completions.create(model=NAME, prompt="later", max_tokens=5, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5
+
+
 def test_a_client_that_disconnects_frees_its_slot(model_dir):
     with running_server(model_dir, step_delay=0.01) as s:
         body = {"model": NAME, "prompt": "bye", "max_tokens": 110, "stream": True, "ignore_eos": True}
@@ -388,6 +438,8 @@ def test_a_client_that_disconnects_frees_its_slot(model_dir):
             assert time.monotonic() - t0 < 0.8, "the slot was not freed"
             time.sleep(0.01)
         assert s.metrics()["lmforge_requests_cancelled_total"] == 1
+        out = s.client().completions.create(model=NAME, prompt="next", max_tokens=5, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
 
 
 def test_a_crash_inside_one_request_fails_only_that_request(model_dir):
@@ -510,3 +562,19 @@ def test_cli_rejects_bad_flags_with_one_line(model_dir):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "max_batch_size must be an integer >= 1" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- benchmarks/serve_load.py: the load test's smoke run ----------------------------------------
+
+
+@pytest.mark.slow  # 11-16 s, nearly all of it two torch imports (this process's child and the server)
+def test_serve_load_benchmark_quick_run_has_no_errors():
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "serve_load.py")
+    r = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    figures = {f["name"]: f for f in map(json.loads, r.stdout.splitlines())}
+    assert figures["serve_load_errors"]["value"] == figures["serve_load_errors"]["peer"] == 0
+    assert figures["serve_load_incomplete"]["value"] == figures["serve_load_incomplete"]["peer"] == 0
+    rate = figures["serve_load_output_tokens_per_s"]
+    assert rate["value"] > 0 and rate["peer"] > 0 and rate["conditions"]["clients"] == 8
+    assert figures["serve_load_ttft_p99"]["value"] >= figures["serve_load_ttft_p50"]["value"] > 0

@@ -1,8 +1,16 @@
-"""The playground page in a real headless Chromium: load /, send a message, watch the answer stream in."""
+"""The playground page in a real headless Chromium: load /, send a message, watch the answer stream in.
+
+Chromium is the Debian package: when it is missing and we are root with apt-get, the set-up installs
+it (once per module); otherwise, or when that fails, the test is skipped with the reason. Never
+`playwright install`: that downloads from the internet, which test machines may not reach.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -11,14 +19,57 @@ from test_serve import NAME, model_dir, running_server  # noqa: F401  (model_dir
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
+APT_TIMEOUT = 600  # seconds for apt-get update + install together
 
 
-def test_playground_streams_an_answer(model_dir):  # noqa: F811
+def apt_get(*args: str, deadline: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    return subprocess.run(["apt-get", *args], capture_output=True, text=True, env=env,
+                          timeout=max(1.0, deadline - time.monotonic()))
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    lines = (result.stderr + result.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit code {result.returncode}"
+
+
+def install_chromium() -> str | None:
+    """Install the chromium package with apt-get; the reason it could not, or None on success."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "not root with apt-get, so the set-up cannot install it"
+    deadline = time.monotonic() + APT_TIMEOUT
+    try:
+        result = apt_get("install", "-y", "-qq", "chromium", deadline=deadline)
+        if result.returncode != 0:  # most often: no package lists yet (a fresh container)
+            update = apt_get("update", "-qq", deadline=deadline)
+            if update.returncode != 0:
+                return f"apt-get update failed: {last_line(update)}"
+            result = apt_get("install", "-y", "-qq", "chromium", deadline=deadline)
+    except subprocess.TimeoutExpired:
+        return f"apt-get did not finish within {APT_TIMEOUT} s"
+    if result.returncode != 0:
+        return f"apt-get install chromium failed: {last_line(result)}"
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (install the Debian chromium package)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+        return f"apt-get installed chromium but there is no {CHROMIUM}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The path of a Chromium that playwright can drive, installing the Debian package if needed."""
+    pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        why = install_chromium()
+        if why is not None:
+            pytest.skip(f"no Chromium at {CHROMIUM} and {why} (install the Debian chromium package)")
+    return CHROMIUM
+
+
+def test_playground_streams_an_answer(model_dir, chromium):  # noqa: F811
+    from playwright import sync_api
+
     with running_server(model_dir, step_delay=0.003) as server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
         try:
             page = browser.new_page()
             page.goto(server.url + "/")

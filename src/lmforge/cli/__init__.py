@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "lmforge.cli.finetune",
     "lmforge.cli.lora",
     "lmforge.cli.generate",
+    "lmforge.cli.run",
     "lmforge.cli.evaluate",
     "lmforge.cli.serve",
 ]

@@ -68,11 +68,18 @@ class ShuffledSource:
     world_size-th index of it, so ranks see disjoint examples. `collate(examples) -> dict` builds
     the tensors. The position (epoch, offset) is the whole state: a resumed run continues with the
     same batches.
+
+    lengths (optional, one per example) groups examples of similar length into the same batch, as
+    transformers' group_by_length: each window of 64 batches of the shuffled order is sorted by
+    length, cut into batches, and the batches of the epoch are shuffled again. Batches stay random
+    but carry far less padding, which makes short-text data (sentences, phrases) several times faster.
     """
+
+    GROUP_WINDOW = 64  # batches per sorted window
 
     def __init__(
         self, examples: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
-        *, seed: int = 0, rank: int = 0, world_size: int = 1,
+        *, seed: int = 0, rank: int = 0, world_size: int = 1, lengths: Sequence[int] | None = None,
     ) -> None:
         if not examples:
             raise DataError("no training examples to draw batches from")
@@ -82,6 +89,9 @@ class ShuffledSource:
         self.batch_size = batch_size
         self.collate = collate
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        if lengths is not None and len(lengths) != len(examples):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(examples)} examples")
+        self.lengths = list(lengths) if lengths is not None else None
         self.epoch, self.offset = 0, 0
         self._order = self._permutation(0)
 
@@ -89,7 +99,20 @@ class ShuffledSource:
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.examples), generator=g).tolist()
         usable = len(order) - len(order) % self.world_size  # every rank gets the same count
-        return order[:usable][self.rank::self.world_size]
+        mine = order[:usable][self.rank::self.world_size]
+        return mine if self.lengths is None else self._grouped(mine, g)
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        """The order with each window sorted by length and the full batches shuffled (a partial one last)."""
+        size, window = self.batch_size, self.batch_size * self.GROUP_WINDOW
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start: start + window], key=lambda i: self.lengths[i])
+            batches.extend(chunk[k: k + size] for k in range(0, len(chunk), size))
+        full = [b for b in batches if len(b) == size]
+        rest = [i for b in batches if len(b) != size for i in b]
+        shuffled = [full[k] for k in torch.randperm(len(full), generator=g).tolist()]
+        return [i for b in shuffled for i in b] + rest
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         picked = []

@@ -39,6 +39,15 @@ class LoRASettings:
     targets: Sequence[str] = ("c_attn",)
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Checked here, before any data is read; the width check needs the model (apply_lora).
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"--lora-rank must be an integer >= 1, got {self.rank!r} (try 4, 8 or 16)")
+        if not self.alpha > 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class FinetuneOutcome:
@@ -70,6 +79,28 @@ def load_tokenizer(spec: str | None, model_spec: str) -> Any:
     if spec == "byte" or (spec is None and model_spec in PRESETS):
         return Tokenizer.byte_level()
     return Tokenizer.from_pretrained(spec or model_spec)
+
+
+def check_vocab(tok: Any, vocab_size: int, model: str, tokenizer: str | None) -> None:
+    """The tokenizer must fit the model's embedding: no id past it, and not a much smaller vocabulary
+    (a different tokenizer's ids would index the wrong embeddings; padding the embedding up to a
+    multiple of 64 or 128, as GPT-2's 50304, is fine)."""
+    which = f"--tokenizer {tokenizer}" if tokenizer else f"the tokenizer of --model {model}"
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"{which} has {tok.vocab_size} tokens but --model {model} has an embedding for "
+                          f"{vocab_size}; ids past {vocab_size - 1} would not exist. Use the model's own tokenizer "
+                          f"(omit --tokenizer) or a base model trained with this tokenizer")
+    if vocab_size > -(-tok.vocab_size // 128) * 128:
+        raise ConfigError(f"{which} has {tok.vocab_size} tokens but --model {model} was trained with a vocabulary of "
+                          f"{vocab_size}: they are not the same tokenizer. Use the model's own tokenizer (omit --tokenizer)")
+
+
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -> None:
+    """Every encoded id must index the model's embedding (a tokenizer can add tokens past its base size)."""
+    top = max((max(r) for r in rows if len(r)), default=-1)
+    if top >= vocab_size:
+        raise DataError(f"{what}: the data encodes to token id {top}, beyond the model's vocabulary of {vocab_size}; "
+                        f"the tokenizer does not match the model (use the model's own tokenizer)")
 
 
 def _is_preset(spec: str) -> bool:
@@ -132,7 +163,7 @@ def finetune_classifier(
     config: TrainConfig, model: str, train: str, val: str | None = None, *, text_field: str = "text",
     label_field: str = "label", tokenizer: str | None = None, class_weights: str | Sequence[float] | None = None,
     lora: LoRASettings | None = None, max_length: int | None = None, eval_limit: int | None = None,
-    verbose: bool = True, plot: bool = True,
+    group_by_length: bool = False, verbose: bool = True, plot: bool = True,
 ) -> FinetuneOutcome:
     """Train a sequence classifier: labels from the data, accuracy and macro F1 on val after every
     evaluation, the best (by accuracy unless config.best_metric says otherwise) kept in RUN/best."""
@@ -153,6 +184,7 @@ def finetune_classifier(
         clf = GPTForSequenceClassification(preset(model, vocab_size=tok.vocab_size), labels)
     else:
         clf = GPTForSequenceClassification.from_pretrained(model, labels=labels, device="cpu", dtype="fp32")
+    check_vocab(tok, clf.config.vocab_size, model, tokenizer)
     pad = next(i for i in (tok.pad_token_id, clf.config.pad_token_id, tok.eos_token_id, 0) if i is not None)
     clf.config.pad_token_id = pad  # transformers finds the last real token through it
     limit = min(max_length or clf.config.n_positions, clf.config.n_positions)
@@ -164,6 +196,7 @@ def finetune_classifier(
         return [(row or [pad], label_id[r.row[label_field]]) for row, r in zip(ids, recs)]
 
     train_examples = encode(records)
+    check_token_ids([ids for ids, _ in train_examples], clf.config.vocab_size, f"--train {train}")
     cut = sum(len(tok.encode(str(r.row[text_field]))) > limit for r in records[:2000])
     if cut:
         notes.append(f"{cut} of the first {min(len(records), 2000)} training texts were cut to {limit} tokens")
@@ -173,7 +206,8 @@ def finetune_classifier(
     net = _maybe_lora(clf, lora, model, notes)
     collate = functools.partial(collate_classification, pad_id=pad)
     source = ShuffledSource(train_examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
-                            world_size=dist.world_size)
+                            world_size=dist.world_size,
+                            lengths=[len(ids) for ids, _ in train_examples] if group_by_length else None)
     val_examples = encode(val_records) if val_records else []
     eval_fn = None
     if val_examples:
@@ -194,7 +228,8 @@ def finetune_classifier(
         config = config.replace(best_metric="accuracy" if eval_fn else None, best_mode="max")
     extra = {"task": "classify", "base_model": model, "labels": [str(x) for x in labels],
              "data": {"train": str(train), "val": str(val) if val else None, "text_field": text_field,
-                      "label_field": label_field, "train_examples": len(train_examples)},
+                      "label_field": label_field, "train_examples": len(train_examples),
+                      "group_by_length": group_by_length},
              "class_weights": weights.tolist() if weights is not None else None,
              "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
     loss_fn = functools.partial(classification_loss, class_weights=weights)
@@ -225,7 +260,7 @@ def finetune_sft(
     config: TrainConfig, model: str, train: str, val: str | None = None, *, task: str = "custom",
     prompt_template: str | None = None, response_template: str | None = None, document_field: str | None = None,
     tokenizer: str | None = None, pack: bool = False, lora: LoRASettings | None = None,
-    max_length: int | None = None, verbose: bool = True, plot: bool = True,
+    max_length: int | None = None, group_by_length: bool = False, verbose: bool = True, plot: bool = True,
 ) -> FinetuneOutcome:
     """Train a language model on prompt -> response pairs (loss on response tokens only); the
     template is stored in the saved config.json so pipelines and evaluation reuse it."""
@@ -242,12 +277,11 @@ def finetune_sft(
     if tok.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos token; SFT ends every response with eos")
     gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_model(model, dtype="fp32", device="cpu")
-    if gpt.config.vocab_size < tok.vocab_size:
-        raise ConfigError(f"--model {model} has vocab_size {gpt.config.vocab_size}, smaller than the tokenizer's "
-                          f"{tok.vocab_size}; use the model's own tokenizer")
+    check_vocab(tok, gpt.config.vocab_size, model, tokenizer)
     gpt.config.extra[CONFIG_KEY] = template.to_dict()
     limit = min(max_length or gpt.config.n_positions, gpt.config.n_positions)
     examples, stats = build_sft_examples(records, tok, template, limit)
+    check_token_ids([ex.ids for ex in examples], gpt.config.vocab_size, f"--train {train}")
     notes.append(f"train: {stats.summary()}")
     val_examples: list = []
     val_stats = SFTStats()
@@ -262,13 +296,14 @@ def finetune_sft(
     net = _maybe_lora(gpt, lora, model, notes)
     collate = functools.partial(collate_sft, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     source = ShuffledSource(examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
-                            world_size=dist.world_size)
+                            world_size=dist.world_size, lengths=[len(ex) for ex in examples] if group_by_length else None)
     val_source = val_batches(val_examples, config.batch_size, collate) if val_examples else None
     if config.best_metric is None and val_source is not None:
         config = config.replace(best_metric="val_loss", best_mode="min")
     extra = {"task": f"sft:{task}", "base_model": model, "template": template.to_dict(), "pack": pack,
              "data": {"train": str(train), "val": str(val) if val else None, "train_examples": stats.examples,
-                      "truncated": stats.truncated, "max_length": limit},
+                      "truncated": stats.truncated, "max_length": limit,
+                      "group_by_length": group_by_length},
              "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
     trainer = Trainer(net, config, source, val_source, loss_fn=causal_lm_loss, tokenizer=tok, extra_config=extra,
                       dist=dist)

@@ -109,9 +109,10 @@ def apply_lora(
         short = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n in names})
         raise ConfigError(f"LoRA target(s) {unmatched} match no linear module; the model's projections are "
                           f"{', '.join(short)} (give a name suffix such as c_attn or mlp.c_proj, or re:REGEX)")
+    wrapped = sorted({n for hits in chosen.values() for n in hits})
+    check_rank(rank, {n: model.get_submodule(n) for n in wrapped})
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = sorted({n for hits in chosen.values() for n in hits})
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -126,6 +127,20 @@ def apply_lora(
     settings = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
                 "modules": wrapped, "trainable": list(trainable), "base_model": base_model}
     return LoRAModel(model, settings)
+
+
+def check_rank(rank: int, layers: dict[str, nn.Linear]) -> None:
+    """A rank must be at least 1 and at most the width (min(in, out)) of every adapted layer: beyond
+    it B A has more numbers than the full update and no more expressive power."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"LoRA rank must be >= 1, got {rank!r} (--lora-rank: try 4, 8 or 16)")
+    too_narrow = {n: min(m.in_features, m.out_features) for n, m in layers.items()
+                  if rank > min(m.in_features, m.out_features)}
+    if too_narrow:
+        name, width = min(too_narrow.items(), key=lambda kv: kv[1])
+        raise ConfigError(f"LoRA rank {rank} exceeds the width of {len(too_narrow)} adapted layer(s), e.g. {name} "
+                          f"({layers[name].in_features} -> {layers[name].out_features}, width {width}); "
+                          f"use --lora-rank <= {width}")
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -124,6 +124,10 @@ class Pipeline:
         for i in range(0, len(prompts), self.batch_size):
             enc = self.tokenizer(prompts[i: i + self.batch_size], padding=True, padding_side="left", return_tensors="pt")
             ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            keep = self.model.config.n_positions - (options.get("max_new_tokens") or 0)
+            if options.get("truncate_prompt") and 0 < keep < ids.size(1):
+                # cut here, as generate would, so the new tokens start at ids.size(1) of the output
+                ids, mask = ids[:, -keep:], mask[:, -keep:]
             with torch.no_grad():
                 out = self.model.generate(ids, mask, tokenizer=self.tokenizer, return_dict_in_generate=True,
                                           output_scores=want_scores, **options)

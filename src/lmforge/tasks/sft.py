@@ -94,6 +94,11 @@ def _format(text: str, row: dict[str, Any], where: str) -> str:
         raise DataError(f"{where}: cannot fill template {text!r} ({type(e).__name__}: {e}); check the field's type") from None
 
 
+def _literal_text(text: str) -> str:
+    """A template with every slot left empty: what a response is when its fields hold nothing."""
+    return "".join(literal for literal, _, _, _ in string.Formatter().parse(text))
+
+
 def make_template(task: str, prompt: str | None = None, response: str | None = None,
                   document_field: str | None = None) -> SFTTemplate:
     """A task's template, with any part overridden; "custom" needs prompt and response."""
@@ -160,7 +165,11 @@ def encode_example(
         raise ConfigError("the tokenizer has no eos token; SFT appends eos to every response")
     budget = max_length + 1
     prompt = template.render_prompt(row, where)
-    response_ids = tokenizer.encode(template.render_response(row, where)) + [eos]
+    response = template.render_response(row, where)
+    if "".join(response.split()) == "".join(_literal_text(template.response).split()):  # fields add only whitespace
+        raise DataError(f"{where}: empty target: the response field(s) {template_fields(template.response)} hold no text "
+                        f"(response {response!r}); every SFT example needs a target, so fix or drop the row")
+    response_ids = tokenizer.encode(response) + [eos]
     prompt_ids = tokenizer.encode(prompt)
     cut = None
     doc = template.document_field

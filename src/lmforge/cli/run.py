@@ -1,0 +1,55 @@
+"""`lmforge run TASK`: apply a pipeline to a JSONL file, with progress, writing the results atomically.
+
+    lmforge run sentiment-analysis --model runs/sst2/best --input reviews.jsonl --output scored.jsonl
+    lmforge run translation --model runs/mt/best --input en.jsonl --output de.jsonl --max-new-tokens 40
+    lmforge run question-answering --model runs/qa/best --input squad.jsonl --output answers.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+
+TASKS = "text-generation, sentiment-analysis (= text-classification), translation, summarization, question-answering"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run", help="apply a pipeline (generation, classification, translation, summarization, QA) to a JSONL file",
+        description="Read one JSON object per line, apply the task's pipeline, write each row plus the result "
+                    "fields (generated_text, label+score, translation_text, summary_text, answer+score+start+end) "
+                    "as one JSON line. Input fields: 'text' (or --field) for every task but question-answering, "
+                    "which reads 'question' and 'context'. A result field the row already has (e.g. a gold "
+                    "'label') is written as predicted_NAME. The output appears only when every row is done.")
+    p.add_argument("task", metavar="TASK", help=TASKS)
+    p.add_argument("--model", required=True, help="model directory or Hub name (a classifier for sentiment-analysis)")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl")
+    p.add_argument("--output", required=True, metavar="FILE.jsonl")
+    p.add_argument("--field", default=None, help="input field holding the text (default: text; not for question-answering)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    g = p.add_argument_group("generation (text-generation, translation, summarization, question-answering)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 50 (text-generation), 64 (translation, summarization), 32 (question-answering)")
+    g.add_argument("--num-beams", type=int, default=None)
+    g.add_argument("--do-sample", action="store_true", default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.tasks.batch_run import run_file
+
+    summary = run_file(
+        args.task, args.model, args.input, args.output, field=args.field, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, progress=False if args.no_progress else None,
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    print(f"{summary.task}: {summary.rows} rows in {summary.seconds:.1f} s -> {summary.output}")
+    return 0

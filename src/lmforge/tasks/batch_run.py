@@ -1,0 +1,118 @@
+"""Apply a pipeline to a JSONL file: one output line per input row (the row plus the result fields).
+
+    run_file("sentiment-analysis", "runs/sst2/best", "reviews.jsonl", "scored.jsonl")
+    run_file("translation", "runs/mt/best", "en.jsonl", "de.jsonl", max_new_tokens=40)
+
+Input fields: `text` for text-generation, text-classification, translation and summarization
+(`field=` picks another), `question` and `context` for question-answering. Every row is read and
+checked before the model loads, so a bad row fails fast with `file:line`. The output is written to a
+temporary file beside the target and renamed into place only when every row is done: a failed or
+interrupted run leaves no partial output (and an existing file untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from lmforge._io import atomic_path
+from lmforge.errors import ConfigError, DataError
+from lmforge.tasks.data import Record, read_records
+from lmforge.tasks.pipelines import TASK_ALIASES
+
+DEFAULT_FIELD = "text"
+QA_FIELDS = ("question", "context")
+# Result fields whose name the input row already uses (e.g. a gold "label") get this prefix.
+CLASH_PREFIX = "predicted_"
+
+
+@dataclass
+class RunSummary:
+    task: str
+    rows: int
+    output: str
+    seconds: float
+
+
+def task_kind(task: str) -> str:
+    """The canonical pipeline task of a name or alias (ConfigError for an unknown one)."""
+    kind = TASK_ALIASES.get(task) or ("translation" if task.startswith("translation_") else None)
+    if kind is None:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASK_ALIASES)}")
+    return kind
+
+
+def input_fields(kind: str, field: str | None) -> list[str]:
+    if kind == "question-answering":
+        if field is not None:
+            raise ConfigError("question-answering reads the fields 'question' and 'context'; --field does not apply")
+        return list(QA_FIELDS)
+    return [field or DEFAULT_FIELD]
+
+
+def read_inputs(path: str | os.PathLike, fields: Sequence[str]) -> list[Record]:
+    """The input rows; every needed field must be a string (errors name `file:line`)."""
+    records = read_records(path, fields, "--input")
+    for r in records:
+        for name in fields:
+            if not isinstance(r.row[name], str):
+                raise DataError(f"--input {r.where}: field {name!r} must be a string, got "
+                                f"{type(r.row[name]).__name__} ({r.row[name]!r:.60})")
+    return records
+
+
+def merge_result(row: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The input row plus the result fields; a result name the row already has becomes predicted_NAME."""
+    out = dict(row)
+    for key, value in result.items():
+        out[CLASH_PREFIX + key if key in row else key] = value
+    return out
+
+
+def _results(pipe: Any, kind: str, rows: list[dict[str, Any]], field: str, options: dict[str, Any]) -> list[dict]:
+    if kind == "question-answering":
+        return pipe([{k: r[k] for k in QA_FIELDS} for r in rows], **options)
+    texts = [r[field] for r in rows]
+    if kind == "text-classification":
+        return pipe(texts)
+    if kind == "text-generation":
+        groups = pipe(texts, **options)
+        return [g[0] if len(g) == 1 else {"generated_text": [d["generated_text"] for d in g]} for g in groups]
+    return pipe(texts, **options)
+
+
+def run_file(
+    task: str, model: Any, input_path: str | os.PathLike, output_path: str | os.PathLike, *,
+    field: str | None = None, batch_size: int = 8, device: str | None = None, dtype: str | None = None,
+    tokenizer: Any = None, progress: bool | None = None, **generate_kwargs: Any,
+) -> RunSummary:
+    """Apply the `task` pipeline of `model` to every row of `input_path` and write `output_path`
+    (JSONL, atomically). generate_kwargs (max_new_tokens, num_beams, ...) go to generative tasks."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from lmforge.tasks.pipelines import pipeline
+
+    kind = task_kind(task)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+    options = {k: v for k, v in generate_kwargs.items() if v is not None}
+    if kind == "text-classification" and options:
+        raise ConfigError(f"{task} does not generate; generation options {sorted(options)} do not apply")
+    fields = input_fields(kind, field)
+    records = read_inputs(input_path, fields)
+    start = time.perf_counter()
+    pipe = pipeline(task, model=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size)
+    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        bar = tqdm(total=len(records), unit="row", desc=f"{kind}", disable=None if progress is None else not progress)
+        for i in range(0, len(records), batch_size):
+            chunk = [r.row for r in records[i: i + batch_size]]
+            for row, result in zip(chunk, _results(pipe, kind, chunk, fields[0], options)):
+                out.write(json.dumps(merge_result(row, result), ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+        bar.close()
+        out.flush()
+    return RunSummary(kind, len(records), str(output_path), time.perf_counter() - start)
