@@ -7,7 +7,7 @@ Prints one JSON object per figure: name, value, unit, peer (transformers), ratio
     python benchmarks/pretrain_shakespeare.py            # the full 2000-iteration run + speed + GPT-2 shape
     python benchmarks/pretrain_shakespeare.py --quick    # a smoke run (50 iterations, short timings)
 
-Quality: lmforge's Trainer with nanoGPT's published CPU settings (n_layer 4, n_head 4, n_embd 128,
+Quality: lmforge's Trainer with nanoGPT's published CPU settings and its erf GELU (n_layer 4, n_head 4, n_embd 128,
 block 64, batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4, warmup 100, beta2 0.99, dropout 0,
 weight decay 0.1, clip 1.0), 90/10 character split; final val loss over the whole val split and as
 nanoGPT estimates it (mean of 20 random val batches). nanoGPT reports about 1.88.
@@ -64,7 +64,10 @@ def phase_quality(args, workdir: Path) -> None:
     data = prepared(workdir)
     train, val = lmforge.TokenDataset(data, "train"), lmforge.TokenDataset(data, "val")
     torch.manual_seed(1337)
-    model = lmforge.GPT(lmforge.GPTConfig(vocab_size=train.vocab_size, **BABY))
+    # nanoGPT's model uses the exact (erf) GELU; --arch gpt2 keeps GPT-2's tanh GELU. (nanoGPT also drops
+    # the biases, which a Hugging Face GPT-2 checkpoint cannot express, so lmforge keeps them.)
+    arch = dict(activation="gelu") if args.arch == "nanogpt" else {}
+    model = lmforge.GPT(lmforge.GPTConfig(vocab_size=train.vocab_size, **BABY, **arch))
     cfg = TrainConfig(out_dir=str(workdir / "run"), max_steps=args.iters, batch_size=12, block_size=64, lr=1e-3,
                       min_lr=1e-4, warmup_steps=100, lr_decay_steps=args.iters, beta2=0.99, weight_decay=0.1,
                       grad_clip=1.0, eval_interval=250, eval_batches=20, log_interval=10, save_interval=args.iters,
@@ -77,6 +80,7 @@ def phase_quality(args, workdir: Path) -> None:
     steps = [r for r in result.history if "ms_per_step" in r]
     ms = statistics.median(r["ms_per_step"] for r in steps)
     conditions = dict(config="nanoGPT baby 4x4x128, block 64, batch 12, char-level", iters=result.step, dtype="fp32",
+                      arch="erf GELU (as nanoGPT), with biases" if args.arch == "nanogpt" else "GPT-2: tanh GELU",
                       data="tinyshakespeare 90/10")
     emit("shakespeare_char_val_loss_estimate", round(result.metrics["val_loss"], 4), "nats/char",
          peer=1.88, note="mean of 20 random val batches (nanoGPT's estimate); peer = nanoGPT's published figure",
@@ -222,6 +226,8 @@ def main() -> None:
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--arch", choices=["nanogpt", "gpt2"], default="nanogpt",
+                   help="quality phase model: erf GELU as nanoGPT, or GPT-2's tanh GELU")
     p.add_argument("--speed-block", type=int, default=20, help="iterations per interleaved block")
     p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--gpt2-steps", type=int, default=3)

@@ -422,3 +422,10 @@ def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(dataset, tmp_p
     trainer.loss_fn = lambda model, batch: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not dressed up as OOM
         trainer.train()
+
+
+def test_a_model_no_checkpoint_can_express_fails_before_training(dataset, tmp_path):
+    model = tiny_model(lmforge.TokenDataset(dataset, "train").vocab_size, bias=False)
+    with pytest.raises(ConfigError, match="bias=False"):
+        make_trainer(dataset, tmp_path / "run", model=model)
+    assert not (tmp_path / "run").exists()

@@ -98,6 +98,9 @@ class Trainer:
         if config.dtype == "fp16" and self.device.type != "cuda":
             raise TrainingError("dtype fp16 needs a CUDA device (it trains with a gradient scaler there); "
                                 "use --dtype bf16 on the CPU")
+        to_hf = getattr(getattr(model, "config", None), "to_hf_dict", None)
+        if callable(to_hf):
+            to_hf()  # a config no checkpoint can express fails now, not at the first save after training
         torch.manual_seed(config.seed + self.dist.rank)
         self.raw_model = model.to(self.device)
         if config.grad_checkpointing:
