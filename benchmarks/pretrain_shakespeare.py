@@ -189,7 +189,8 @@ def phase_speed(args, workdir: Path) -> None:
 def phase_gpt2(args, workdir: Path) -> None:
     from lmforge.training import matmul_peak_flops
 
-    shape = dict(n_layer=12, n_head=12, n_embd=768, n_positions=args.gpt2_block)
+    shape = dict(n_layer=12, n_head=12, n_embd=768, n_positions=args.gpt2_block, embd_pdrop=0.0, attn_pdrop=0.0,
+                 resid_pdrop=0.0)  # dropout 0 in both, as _hf_model builds the peer
     vocab = 50304
     for dtype in ("fp32", "bf16"):
         ours, ours_step, hf_step = _steppers(vocab, shape, dtype)
