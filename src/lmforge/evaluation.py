@@ -30,6 +30,7 @@ import torch
 from lmforge import metrics
 from lmforge._io import atomic_path, write_json_atomic
 from lmforge.errors import ConfigError, DataError
+from lmforge.tasks.data import iter_jsonl
 
 # Zero-shot prompts for `evaluate generate`: simple, fixed, and recorded in every report.
 PROMPT_TEMPLATES = {
@@ -70,18 +71,7 @@ class Evaluation:
 
 def read_jsonl(path: str | os.PathLike, option: str = "--data") -> list[Any]:
     """Every line of a JSONL file, parsed; errors name the file (and the CLI option) and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{option} {path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{option} {path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+    rows = [row for _, row in iter_jsonl(path, option)]
     if not rows:
         raise DataError(f"{option} {path}: the file is empty")
     return rows

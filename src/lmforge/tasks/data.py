@@ -32,30 +32,36 @@ class Record:
         return f"{self.path}:{self.line}"
 
 
-def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: str = "--train") -> list[Record]:
-    """Every object of a JSONL file; fails on bad JSON, a non-object row or a missing field,
-    naming the option, `file:line` and the fields the row does have."""
+def iter_jsonl(path: str | os.PathLike, option: str = "--data") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; a missing file or a line
+    that is not JSON fails naming the option and `file:line`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{option} {path}: no such file")
-    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{option} {path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{option} {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [name for name in fields if name not in row]
-            if missing:
-                raise DataError(
-                    f"{option} {path}:{lineno}: missing field(s) {missing} (the row has {sorted(row)}); "
-                    f"pick the right field names with the field options of the command"
-                )
-            records.append(Record(row, str(path), lineno))
+
+
+def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: str = "--train") -> list[Record]:
+    """Every object of a JSONL file; fails on bad JSON, a non-object row or a missing field,
+    naming the option, `file:line` and the fields the row does have."""
+    records = []
+    for lineno, row in iter_jsonl(path, option):
+        if not isinstance(row, dict):
+            raise DataError(f"{option} {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise DataError(
+                f"{option} {path}:{lineno}: missing field(s) {missing} (the row has {sorted(row)}); "
+                f"pick the right field names with the field options of the command"
+            )
+        records.append(Record(row, str(path), lineno))
     if not records:
         raise DataError(f"{option} {path}: the file has no rows")
     return records
