@@ -96,7 +96,7 @@ def build_model(spec: str, vocab_size: int, block_size: int | None, dropout: flo
     if spec in PRESETS or spec.endswith(".json"):
         cfg = preset(spec, vocab_size=vocab_size) if spec in PRESETS else GPTConfig.from_json_file(spec)
         if spec.endswith(".json"):
-            cfg.vocab_size = vocab_size if cfg.vocab_size < vocab_size else cfg.vocab_size
+            cfg.vocab_size = max(cfg.vocab_size, vocab_size)  # a config may pad the vocab (e.g. 50304)
         for k, v in overrides.items():
             setattr(cfg, k, v)
         if block_size is not None:
