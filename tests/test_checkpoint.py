@@ -101,6 +101,31 @@ def test_round_trip_lmforge_to_hf_to_lmforge_is_exact(tmp_path, tied):
     assert (again.lm_head.weight is again.transformer.wte.weight) == tied
 
 
+def test_bias_free_model_saves_zero_biases_that_transformers_loads_to_the_same_logits(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    ours = GPT(GPTConfig(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=4, bias=False,
+                         activation="gelu", bos_token_id=0, eos_token_id=0)).eval()
+    ours.save_pretrained(tmp_path / "a")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "a")
+    assert hf.transformer.h[0].attn.c_attn.bias.abs().sum() == 0 and hf.transformer.ln_f.bias.abs().sum() == 0
+    ids = torch.randint(0, 65, (2, 20))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() <= 1e-5
+    hf.save_pretrained(tmp_path / "b")  # transformers keeps the "bias": false key
+    again = load_model(tmp_path / "b", device="cpu")
+    assert again.config.bias is False and again.transformer.h[0].attn.c_attn.bias is None
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.bias[3] = 0.5  # a tool that trained the biases
+    hf.save_pretrained(tmp_path / "c")
+    with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_fc\.bias.*not zero.*remove"):
+        load_model(tmp_path / "c", device="cpu")
+
+
 def test_saved_files_have_no_wrapper_prefixes_or_legacy_buffers(tmp_path):
     from safetensors import safe_open
 

@@ -424,8 +424,15 @@ def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(dataset, tmp_p
         trainer.train()
 
 
-def test_a_model_no_checkpoint_can_express_fails_before_training(dataset, tmp_path):
-    model = tiny_model(lmforge.TokenDataset(dataset, "train").vocab_size, bias=False)
-    with pytest.raises(ConfigError, match="bias=False"):
-        make_trainer(dataset, tmp_path / "run", model=model)
-    assert not (tmp_path / "run").exists()
+def test_a_bias_free_model_trains_and_resumes_from_its_checkpoints(dataset, tmp_path):
+    """nanoGPT's bias=False: checkpoints carry zero biases for transformers and resume into the same model."""
+    vocab = lmforge.TokenDataset(dataset, "train").vocab_size
+    model = tiny_model(vocab, bias=False)
+    make_trainer(dataset, tmp_path / "run", model=model, max_steps=4).train()
+    again = lmforge.load_model(tmp_path / "run" / "model", device="cpu")
+    assert again.config.bias is False
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    resumed = make_trainer(dataset, tmp_path / "run", model=tiny_model(vocab, seed=1, bias=False), max_steps=6,
+                           resume=True)
+    assert resumed.train().step == 6

@@ -181,6 +181,27 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def _bias_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The bias tensors a Hugging Face GPT-2 of this shape has (all of them; a bias-free model has none)."""
+    e, shapes = config.n_embd, {"transformer.ln_f.bias": (config.n_embd,)}
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}."
+        shapes.update({h + "ln_1.bias": (e,), h + "attn.c_attn.bias": (3 * e,), h + "attn.c_proj.bias": (e,),
+                       h + "ln_2.bias": (e,), h + "mlp.c_fc.bias": (config.inner_dim,), h + "mlp.c_proj.bias": (e,)})
+    return shapes
+
+
+def _drop_zero_biases(state: dict[str, torch.Tensor], config: GPTConfig) -> None:
+    """A bias-free model's checkpoint carries zero biases for transformers; drop them, refusing non-zero ones."""
+    for key in _bias_shapes(config):
+        tensor = state.pop(key, None)
+        if tensor is not None and bool(tensor.count_nonzero()):
+            raise CheckpointError(
+                f"tensor {key!r} is not zero, but config.json says bias=false (a bias-free model); the weights were "
+                f"changed by a tool that kept the biases: remove \"bias\": false from config.json to load them"
+            )
+
+
 def hf_to_lmforge(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Map a Hugging Face GPT-2 state dict onto lmforge's parameter names (transposing Conv1D)."""
     out: dict[str, torch.Tensor] = {}
@@ -195,12 +216,16 @@ def hf_to_lmforge(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str
         out[key] = tensor
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # the same tensor as wte
+    if not config.bias:
+        _drop_zero_biases(out, config)
     return out
 
 
 def lmforge_to_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a Hugging Face GPT2LMHeadModel expects: Conv1D layout, no tied duplicate."""
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", True)
+    """The state dict a Hugging Face GPT2LMHeadModel expects: Conv1D layout, no tied duplicate, and
+    zero biases for a bias-free model (transformers' GPT-2 always has them)."""
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", True)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         key = _strip_prefixes(key)
@@ -210,6 +235,9 @@ def lmforge_to_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if key.endswith(_CONV1D_SUFFIXES):
             tensor = tensor.t()
         out[key] = tensor.contiguous().cpu()
+    if config is not None and not getattr(config, "bias", True):
+        dtype = out["transformer.wte.weight"].dtype
+        out.update({k: torch.zeros(shape, dtype=dtype) for k, shape in _bias_shapes(config).items()})
     return out
 
 

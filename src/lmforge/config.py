@@ -98,8 +98,6 @@ class GPTConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
-        if not self.bias:
-            raise ConfigError("GPTConfig.bias=False has no Hugging Face GPT-2 equivalent; save with bias=True")
         d = dict(self.extra)
         d.update(
             model_type="gpt2",
@@ -125,6 +123,12 @@ class GPTConfig:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+        # A bias-free model (nanoGPT's choice) is saved with zero biases, which transformers loads to the
+        # same logits; the extra "bias" key (transformers keeps unknown keys) lets lmforge drop them again.
+        if not self.bias:
+            d["bias"] = False
+        else:
+            d.pop("bias", None)
         return d
 
     @classmethod
@@ -149,6 +153,7 @@ class GPTConfig:
             "scale_attn_weights": "scale_attn_weights",
             "scale_attn_by_inverse_layer_idx": "scale_attn_by_inverse_layer_idx",
             "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+            "bias": "bias",
         }
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}

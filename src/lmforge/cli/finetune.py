@@ -77,7 +77,7 @@ def _lora(args: argparse.Namespace):
 
 def _report(outcome) -> int:
     r = outcome.result
-    if r is None:
+    if r is None or not outcome.is_main:
         return 0
     shown = ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k not in ("step", "tokens"))
     print(f"trained {r.step} steps, {r.tokens:,} tokens in {r.elapsed:.1f} s (stopped by {r.stopped_by}); {shown}")

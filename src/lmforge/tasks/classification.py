@@ -227,8 +227,8 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor], class_
     labels = batch["labels"]
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
     w = None if class_weights is None else class_weights.to(out.logits.device)
-    loss_sum = F.cross_entropy(out.logits.float(), labels, weight=w, reduction="sum")
-    return loss_sum, labels.numel()
+    loss_sum = F.cross_entropy(out.logits.float(), labels, weight=w, reduction="sum")  # -100 labels count nothing
+    return loss_sum, (labels != -100).sum()
 
 
 def balanced_class_weights(label_ids: Sequence[int], num_labels: int) -> torch.Tensor:

@@ -70,18 +70,21 @@ def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: st
 class ShuffledSource:
     """Batches of `batch_size` examples drawn in a seeded random order, epoch after epoch.
 
-    Each epoch is a fresh permutation (seed + epoch); rank r of `world_size` takes every
-    world_size-th index of it, so ranks see disjoint examples. `collate(examples) -> dict` builds
-    the tensors. The position (epoch, offset) is the whole state: a resumed run continues with the
-    same batches.
+    Each epoch is a fresh permutation (seed + epoch), and the epochs follow one another as one
+    stream. Every rank reads the whole global batch (batch_size x world_size examples) from that
+    stream and keeps its own slice, as RandomBlocks does for pretraining: 2 processes x 2 examples
+    see exactly the batches of 1 process x 4, whatever the number of examples, and no example is
+    dropped at the end of an epoch. `collate(examples) -> dict` builds the tensors. The position
+    (epoch, offset in the stream, the same on every rank) is the whole state: a resumed run
+    continues with the same batches.
 
     lengths (optional, one per example) groups examples of similar length into the same batch, as
-    transformers' group_by_length: each window of 64 batches of the shuffled order is sorted by
-    length, cut into batches, and the batches of the epoch are shuffled again. Batches stay random
-    but carry far less padding, which makes short-text data (sentences, phrases) several times faster.
+    transformers' group_by_length: each window of 64 global batches of the shuffled order is sorted
+    by length, cut into global batches, and the batches of the epoch are shuffled again. Batches stay
+    random but carry far less padding, which makes short-text data (sentences, phrases) several times faster.
     """
 
-    GROUP_WINDOW = 64  # batches per sorted window
+    GROUP_WINDOW = 64  # global batches per sorted window
 
     def __init__(
         self, examples: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
@@ -89,8 +92,6 @@ class ShuffledSource:
     ) -> None:
         if not examples:
             raise DataError("no training examples to draw batches from")
-        if len(examples) < world_size:
-            raise DataError(f"{len(examples)} examples cannot be split across {world_size} processes")
         self.examples = examples
         self.batch_size = batch_size
         self.collate = collate
@@ -104,13 +105,12 @@ class ShuffledSource:
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.examples), generator=g).tolist()
-        usable = len(order) - len(order) % self.world_size  # every rank gets the same count
-        mine = order[:usable][self.rank::self.world_size]
-        return mine if self.lengths is None else self._grouped(mine, g)
+        return order if self.lengths is None else self._grouped(order, g)
 
     def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
-        """The order with each window sorted by length and the full batches shuffled (a partial one last)."""
-        size, window = self.batch_size, self.batch_size * self.GROUP_WINDOW
+        """The order with each window sorted by length and the full global batches shuffled (a partial one last)."""
+        size = self.batch_size * self.world_size
+        window = size * self.GROUP_WINDOW
         batches = []
         for start in range(0, len(order), window):
             chunk = sorted(order[start: start + window], key=lambda i: self.lengths[i])
@@ -121,15 +121,17 @@ class ShuffledSource:
         return [i for b in shuffled for i in b] + rest
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        picked = []
-        while len(picked) < self.batch_size:
+        picked: list[int] = []
+        size = self.batch_size * self.world_size
+        while len(picked) < size:
             if self.offset >= len(self._order):
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-            take = self._order[self.offset: self.offset + self.batch_size - len(picked)]
-            picked.extend(self.examples[i] for i in take)
+            take = self._order[self.offset: self.offset + size - len(picked)]
+            picked.extend(take)
             self.offset += len(take)
-        return self.collate(picked)
+        mine = picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return self.collate([self.examples[i] for i in mine])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "size": len(self.examples)}
@@ -150,11 +152,25 @@ class ShuffledSource:
 
 def val_batches(
     examples: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    *, rank: int = 0, world_size: int = 1,
 ) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
-    """A zero-argument callable that yields the validation examples in order, in batches."""
+    """A zero-argument callable that yields the validation examples in order, in batches.
+
+    Under torchrun the examples go through in global batches of batch_size x world_size and each rank
+    scores its slice, so the trainer's summed loss covers every example once, as one process would.
+    A rank whose slice of the last global batch is empty gets one example with every label -100
+    (it counts nothing): all ranks run the same number of forward passes, which FSDP needs.
+    """
+    size = batch_size * world_size
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for i in range(0, len(examples), batch_size):
-            yield collate(list(examples[i: i + batch_size]))
+        for start in range(0, len(examples), size):
+            mine = list(examples[start + rank * batch_size: min(start + (rank + 1) * batch_size, start + size)])
+            if mine:
+                yield collate(mine)
+            else:
+                batch = collate([examples[start]])
+                batch["labels"] = torch.full_like(batch["labels"], -100)
+                yield batch
 
     return batches

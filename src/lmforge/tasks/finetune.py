@@ -54,6 +54,7 @@ class FinetuneOutcome:
     result: TrainResult
     notes: list[str] = field(default_factory=list)  # what a user should see: truncation, labels, trainable count
     stats: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True  # False on the other ranks under torchrun: rank 0 alone reports
 
 
 class Notes(list):
@@ -233,12 +234,13 @@ def finetune_classifier(
              "class_weights": weights.tolist() if weights is not None else None,
              "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
     loss_fn = functools.partial(classification_loss, class_weights=weights)
-    val_source = val_batches(val_examples, config.batch_size, collate) if val_examples else None
+    val_source = val_batches(val_examples, config.batch_size, collate, rank=dist.rank,
+                             world_size=dist.world_size) if val_examples else None
     trainer = Trainer(net, config, source, val_source, loss_fn=loss_fn, eval_fn=eval_fn, tokenizer=tok,
                       extra_config=extra, dist=dist)
     result = trainer.train()
     _finish(config, dist, plot, notes)
-    return FinetuneOutcome(result, list(notes), {"labels": labels, "label_counts": counts})
+    return FinetuneOutcome(result, list(notes), {"labels": labels, "label_counts": counts}, dist.is_main)
 
 
 def _class_weights(spec: str | Sequence[float] | None, label_ids: list[int], k: int) -> torch.Tensor | None:
@@ -297,7 +299,8 @@ def finetune_sft(
     collate = functools.partial(collate_sft, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     source = ShuffledSource(examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
                             world_size=dist.world_size, lengths=[len(ex) for ex in examples] if group_by_length else None)
-    val_source = val_batches(val_examples, config.batch_size, collate) if val_examples else None
+    val_source = val_batches(val_examples, config.batch_size, collate, rank=dist.rank,
+                             world_size=dist.world_size) if val_examples else None
     if config.best_metric is None and val_source is not None:
         config = config.replace(best_metric="val_loss", best_mode="min")
     extra = {"task": f"sft:{task}", "base_model": model, "template": template.to_dict(), "pack": pack,
@@ -309,4 +312,4 @@ def finetune_sft(
                       dist=dist)
     result = trainer.train()
     _finish(config, dist, plot, notes)
-    return FinetuneOutcome(result, list(notes), {"train": vars(stats), "val": vars(val_stats)})
+    return FinetuneOutcome(result, list(notes), {"train": vars(stats), "val": vars(val_stats)}, dist.is_main)
