@@ -7,7 +7,7 @@ Prints one JSON object per figure: name, value, unit, peer (transformers), ratio
     python benchmarks/pretrain_shakespeare.py            # the full 2000-iteration run + speed + GPT-2 shape
     python benchmarks/pretrain_shakespeare.py --quick    # a smoke run (50 iterations, short timings)
 
-Quality: lmforge's Trainer with nanoGPT's published CPU settings and its erf GELU (n_layer 4, n_head 4, n_embd 128,
+Quality: lmforge's Trainer with nanoGPT's published CPU settings and model (erf GELU, no biases; n_layer 4, n_head 4, n_embd 128,
 block 64, batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4, warmup 100, beta2 0.99, dropout 0,
 weight decay 0.1, clip 1.0), 90/10 character split; final val loss over the whole val split and as
 nanoGPT estimates it (mean of 20 random val batches). nanoGPT reports about 1.88.
@@ -59,32 +59,60 @@ def prepared(workdir: Path) -> Path:
 
 def phase_quality(args, workdir: Path) -> None:
     import lmforge
-    from lmforge.training import RandomBlocks, TrainConfig, Trainer, fixed_blocks
 
     data = prepared(workdir)
     train, val = lmforge.TokenDataset(data, "train"), lmforge.TokenDataset(data, "val")
-    torch.manual_seed(1337)
-    # nanoGPT's model uses the exact (erf) GELU; --arch gpt2 keeps GPT-2's tanh GELU. (nanoGPT also drops
-    # the biases, which a Hugging Face GPT-2 checkpoint cannot express, so lmforge keeps them.)
-    arch = dict(activation="gelu") if args.arch == "nanogpt" else {}
+    # nanoGPT's model: exact (erf) GELU and no biases (saved as zero biases, which transformers loads);
+    # --arch gpt2 keeps GPT-2's tanh GELU and biases.
+    arch = dict(activation="gelu", bias=False) if args.arch == "nanogpt" else {}
+    conditions = dict(config="nanoGPT baby 4x4x128, block 64, batch 12, char-level", iters=args.iters, dtype="fp32",
+                      arch="erf GELU, no biases (as nanoGPT)" if args.arch == "nanogpt" else "GPT-2: tanh GELU, biases",
+                      data="tinyshakespeare 90/10")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs, peers = [], []
+    for seed in seeds:
+        runs.append(_quality_run(train, val, arch, seed, workdir / f"run-{seed}", args.iters))
+        peers.append(_plain_loop_run(train, val, args.arch, seed, args.iters) if args.quality_peer else None)
+    peer_note = ("; peer = nanoGPT's train.py loop written plainly over transformers' GPT2LMHeadModel "
+                 "(same architecture, settings and seed)") if args.quality_peer else "; peer = nanoGPT's published figure"
+    for (estimate, full, ms, tokens_per_s), peer, seed in zip(runs, peers, seeds):
+        emit("shakespeare_char_val_loss_estimate", round(estimate, 4), "nats/char",
+             peer=round(peer[0], 4) if peer else 1.88, seed=seed, published_nanogpt=1.88,
+             note="mean of 20 random val batches (nanoGPT's estimate)" + peer_note, **conditions)
+        emit("shakespeare_char_val_loss_full", round(full, 4), "nats/char", peer=round(peer[1], 4) if peer else 1.88,
+             seed=seed, published_nanogpt=1.88, note="every val character once" + peer_note, **conditions)
+        emit("shakespeare_char_ms_per_iter_in_run", round(ms, 2), "ms", seed=seed,
+             note="median of logged windows, incl. data", **conditions)
+        emit("shakespeare_char_tokens_per_s_in_run", round(tokens_per_s), "tokens/s", seed=seed,
+             note="whole run incl. evaluation and checkpoints", **conditions)
+    if len(runs) > 1:
+        for i, name in enumerate(["shakespeare_char_val_loss_estimate", "shakespeare_char_val_loss_full"]):
+            peer = round(statistics.median(p[i] for p in peers), 4) if args.quality_peer else 1.88
+            emit(name + "_median", round(statistics.median(r[i] for r in runs), 4), "nats/char", peer=peer,
+                 seeds=seeds, published_nanogpt=1.88, note="median over seeds" + peer_note, **conditions)
+
+
+def _quality_run(train, val, arch: dict, seed: int, out: Path, iters: int) -> tuple[float, float, float, float]:
+    """One 2000-iteration run with nanoGPT's settings: (val estimate, full val loss, ms/iter, tokens/s)."""
+    import lmforge
+    from lmforge.training import RandomBlocks, TrainConfig, Trainer, fixed_blocks
+
+    torch.manual_seed(seed)
     model = lmforge.GPT(lmforge.GPTConfig(vocab_size=train.vocab_size, **BABY, **arch))
-    cfg = TrainConfig(out_dir=str(workdir / "run"), max_steps=args.iters, batch_size=12, block_size=64, lr=1e-3,
-                      min_lr=1e-4, warmup_steps=100, lr_decay_steps=args.iters, beta2=0.99, weight_decay=0.1,
-                      grad_clip=1.0, eval_interval=250, eval_batches=20, log_interval=10, save_interval=args.iters,
-                      progress=False, device="cpu", seed=1337)
-    trainer = Trainer(model, cfg, RandomBlocks(train, 12, 64, seed=1337), fixed_blocks(val, 12, 64, 20, seed=1),
+    cfg = TrainConfig(out_dir=str(out), max_steps=iters, batch_size=12, block_size=64, lr=1e-3,
+                      min_lr=1e-4, warmup_steps=100, lr_decay_steps=iters, beta2=0.99, weight_decay=0.1,
+                      grad_clip=1.0, eval_interval=250, eval_batches=20, log_interval=10, save_interval=iters,
+                      progress=False, device="cpu", seed=seed)
+    trainer = Trainer(model, cfg, RandomBlocks(train, 12, 64, seed=seed), fixed_blocks(val, 12, 64, 20, seed=seed + 1),
                       tokenizer=train.tokenizer, extra_config={"model": model.config.to_dict()})
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    steps = [r for r in result.history if "ms_per_step" in r]
-    ms = statistics.median(r["ms_per_step"] for r in steps)
-    conditions = dict(config="nanoGPT baby 4x4x128, block 64, batch 12, char-level", iters=result.step, dtype="fp32",
-                      arch="erf GELU (as nanoGPT), with biases" if args.arch == "nanogpt" else "GPT-2: tanh GELU",
-                      data="tinyshakespeare 90/10")
-    emit("shakespeare_char_val_loss_estimate", round(result.metrics["val_loss"], 4), "nats/char",
-         peer=1.88, note="mean of 20 random val batches (nanoGPT's estimate); peer = nanoGPT's published figure",
-         **conditions)
+    ms = statistics.median(r["ms_per_step"] for r in result.history if "ms_per_step" in r)
+    return result.metrics["val_loss"], _full_val_loss(model, val), ms, result.tokens / seconds
+
+
+def _full_val_loss(model, val) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -92,12 +120,67 @@ def phase_quality(args, workdir: Path) -> None:
             logits = model(x).logits
             total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum").item()
             count += int((y != -100).sum())
-    emit("shakespeare_char_val_loss_full", round(total / count, 4), "nats/char", peer=1.88,
-         note="every val character once", **conditions)
-    emit("shakespeare_char_ms_per_iter_in_run", round(ms, 2), "ms", note="median of logged windows, incl. data",
-         **conditions)
-    emit("shakespeare_char_tokens_per_s_in_run", round(result.tokens / seconds), "tokens/s",
-         note="whole run incl. evaluation and checkpoints", **conditions)
+    return total / count
+
+
+def _plain_loop_run(train, val, arch: str, seed: int, iters: int) -> tuple[float, float]:
+    """The peer for quality: nanoGPT's train.py loop (get_batch, get_lr, estimate_loss, AdamW groups by
+    dimension, clip 1.0) written out plainly over transformers' GPT2LMHeadModel. For --arch nanogpt the
+    model is nanoGPT's: erf GELU, and its biases are zeroed and frozen (= no biases). Returns
+    (20-batch val estimate, full val loss)."""
+    import math
+
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=train.vocab_size, n_layer=4, n_head=4, n_embd=128, n_positions=64, embd_pdrop=0.0,
+                     attn_pdrop=0.0, resid_pdrop=0.0,
+                     activation_function="gelu" if arch == "nanogpt" else "gelu_new")
+    model = GPT2LMHeadModel(cfg)
+    if arch == "nanogpt":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.data.zero_()
+                p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+    block, batch, warmup, lr, min_lr = 64, 12, 100, 1e-3, 1e-4
+    data = {"train": np.asarray(train.tokens), "val": np.asarray(val.tokens)}
+
+    def get_batch(split):
+        d = data[split]
+        ix = torch.randint(len(d) - block, (batch,))
+        x = torch.stack([torch.from_numpy(d[i:i + block].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
+        return x, y
+
+    def get_lr(it):
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        if it > iters:
+            return min_lr
+        ratio = (it - warmup) / (iters - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    def loss_of(x, y):
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+    model.train()
+    for it in range(iters):
+        for group in opt.param_groups:
+            group["lr"] = get_lr(it)
+        loss_of(*get_batch("train")).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        estimate = statistics.mean(loss_of(*get_batch("val")).item() for _ in range(20))
+    return estimate, _full_val_loss(model, val)
 
 
 # ---- phase: speed against transformers --------------------------------------------------------
@@ -228,7 +311,10 @@ def main() -> None:
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--arch", choices=["nanogpt", "gpt2"], default="nanogpt",
-                   help="quality phase model: erf GELU as nanoGPT, or GPT-2's tanh GELU")
+                   help="quality phase model: nanoGPT's (erf GELU, no biases) or GPT-2's (tanh GELU, biases)")
+    p.add_argument("--quality-peer", action="store_true",
+                   help="quality phase: also train the plain-loop transformers peer per seed (about 2 min each)")
+    p.add_argument("--seeds", default="1337", help="quality phase: comma-separated seeds, one run each (median too)")
     p.add_argument("--speed-block", type=int, default=20, help="iterations per interleaved block")
     p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--gpt2-steps", type=int, default=3)
