@@ -196,20 +196,28 @@ def test_sft_two_processes_with_accumulation_match_one_process(data, tmp_path):
 # ---- bf16 autocast and gradient accumulation, one process ---------------------------------------
 
 
+def run_bf16(make_args, data, tmp_path: Path, steps: int, falls_to: float) -> dict[int, float]:
+    """A --dtype bf16 run after a 1-step fp32 run on the same weights and batch: autocast is really on
+    (the first loss differs, a little), the loss falls below `falls_to` of its start, weights stay fp32."""
+    common = ["--batch-size", "8", "--eval-interval", str(steps), "--lr", "1e-2"]
+    assert main(make_args(data, tmp_path / "fp32", *common, "--max-steps", "1")) == 0
+    assert main(make_args(data, tmp_path / "bf16", *common, "--max-steps", str(steps), "--dtype", "bf16")) == 0
+    losses = metric(tmp_path / "bf16", "loss")
+    assert all(math.isfinite(v) for v in losses.values())
+    assert 1e-5 < abs(losses[1] - metric(tmp_path / "fp32", "loss")[1]) < 0.05
+    assert sum(list(losses.values())[-4:]) / 4 < falls_to * sum(list(losses.values())[:4]) / 4
+    val = metric(tmp_path / "bf16", "val_loss")
+    assert list(val) == [steps] and math.isfinite(val[steps])
+    assert fp32_weights(tmp_path / "bf16" / "model") == {torch.float32}
+    return losses
+
+
 def test_classify_bf16_trains_and_saves_fp32_weights(data, tmp_path):
     from lmforge.tasks.classification import load_classifier
 
-    common = ["--batch-size", "8", "--eval-interval", "20", "--lr", "1e-2"]
-    assert main(classify_args(data, tmp_path / "fp32", *common, "--max-steps", "1")) == 0
-    assert main(classify_args(data, tmp_path / "bf16", *common, "--max-steps", "20", "--dtype", "bf16")) == 0
-    losses = metric(tmp_path / "bf16", "loss")
-    assert all(math.isfinite(v) for v in losses.values())
-    # autocast is really on: the first loss (same weights, same batch) differs from fp32, but only a little
-    assert 1e-5 < abs(losses[1] - metric(tmp_path / "fp32", "loss")[1]) < 0.05
-    assert sum(list(losses.values())[-4:]) / 4 < 0.25 * sum(list(losses.values())[:4]) / 4
-    assert fp32_weights(tmp_path / "bf16" / "model") == {torch.float32}
+    run_bf16(classify_args, data, tmp_path, steps=20, falls_to=0.25)
     (accuracy,) = metric(tmp_path / "bf16", "accuracy").values()
-    assert accuracy >= 0.7 and math.isfinite(metric(tmp_path / "bf16", "val_loss")[20])
+    assert accuracy >= 0.7
     clf = load_classifier(tmp_path / "bf16" / "model", device="cpu")
     assert clf.model.score.weight.dtype == torch.float32
 
@@ -217,16 +225,7 @@ def test_classify_bf16_trains_and_saves_fp32_weights(data, tmp_path):
 def test_sft_bf16_trains_and_saves_fp32_weights(data, tmp_path):
     import lmforge
 
-    common = ["--batch-size", "8", "--eval-interval", "25", "--lr", "1e-2"]
-    assert main(sft_args(data, tmp_path / "fp32", *common, "--max-steps", "1")) == 0
-    assert main(sft_args(data, tmp_path / "bf16", *common, "--max-steps", "25", "--dtype", "bf16")) == 0
-    losses = metric(tmp_path / "bf16", "loss")
-    assert all(math.isfinite(v) for v in losses.values())
-    assert 1e-5 < abs(losses[1] - metric(tmp_path / "fp32", "loss")[1]) < 0.05
-    assert sum(list(losses.values())[-4:]) / 4 < 0.5 * sum(list(losses.values())[:4]) / 4
-    val = metric(tmp_path / "bf16", "val_loss")
-    assert list(val) == [25] and math.isfinite(val[25])
-    assert fp32_weights(tmp_path / "bf16" / "model") == {torch.float32}
+    run_bf16(sft_args, data, tmp_path, steps=25, falls_to=0.5)
     model = lmforge.load_model(tmp_path / "bf16" / "model", device="cpu")
     assert next(model.parameters()).dtype == torch.float32
 
