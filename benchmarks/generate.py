@@ -12,7 +12,9 @@ Time to first token = a generate() call with max_new_tokens=1 (prefill + choosin
 Decode rate = batch * (N - 1) / (time(N new tokens) - time(1 new token)): tokens per second after the
 first, measured the same way for both libraries. The batch-1 bandwidth ceiling is
 copy bandwidth / bytes of weights read per token (every weight once; the tied embedding once, as the
-LM head; one row of the position table).
+LM head; one row of the position table). For context, the same fraction is reported for a step that
+is nothing but the weights' matrix-vector products (F.linear, as the model calls them): how close the
+BLAS kernels alone come to that ceiling on the machine.
 """
 
 from __future__ import annotations
@@ -101,6 +103,30 @@ def measure_speed(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int
         first, full = statistics.median(t["first"]), statistics.median(t["full"])
         out[engine] = dict(ttft=first, rate=ids.size(0) * (new_tokens - 1) / max(full - first, 1e-9))
     return out
+
+
+def matmul_only_rate(model, repeats: int = 30) -> float:
+    """Tokens/s if a batch-1 decode step were nothing but its weight matrix-vector products (every
+    Linear once, the LM head once, through F.linear as the model calls them): the part of the
+    bandwidth ceiling the BLAS kernels themselves reach on this machine."""
+    import torch.nn.functional as F
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in linears}
+
+    def step():
+        for m in linears:
+            F.linear(inputs[m.in_features], m.weight, m.bias)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return 1.0 / statistics.median(times)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -222,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                          round(them["rate"] / ceiling, 3), round(us["rate"] / them["rate"], 3),
                          ceiling_tokens_per_s=round(ceiling, 2), weight_bytes_per_token=per_token,
                          copy_bandwidth_gb_s=round(bandwidth, 2), target=0.85, **cond)
+                    floor = matmul_only_rate(ours)
+                    emit("matmul_only_fraction_of_bandwidth_ceiling", round(floor / ceiling, 3), "fraction",
+                         note="the weight matrix-vector products of one batch-1 step and nothing else; "
+                              "decode can be no faster than this with these kernels",
+                         matmul_only_tokens_per_s=round(floor, 2), **cond)
                 if not args.no_memory:
                     mem = {e: measure_memory(e, directory, dtype, batch, args.prompt_tokens, args.new_tokens,
                                              args.threads, args.layout) for e in models}
