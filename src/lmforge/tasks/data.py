@@ -165,7 +165,7 @@ def val_batches(
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(examples), size):
-            mine = list(examples[start + rank * batch_size: min(start + (rank + 1) * batch_size, start + size)])
+            mine = list(examples[start + rank * batch_size: start + (rank + 1) * batch_size])
             if mine:
                 yield collate(mine)
             else:
