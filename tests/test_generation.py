@@ -1,6 +1,7 @@
 """Generation: token-identical to transformers' generate on the same weights, KV cache == recomputation,
 streaming, stop strings, bad input. Tiny models keep it fast."""
 
+import copy
 import itertools
 import warnings
 
@@ -186,6 +187,79 @@ def test_static_shape_step_equals_dynamic_step(models, padded):
             tokens = a.argmax(-1)
             a, b = dynamic.step(tokens), static.step(tokens)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+SINGLE_ROW_CONFIGS = [
+    dict(),
+    dict(bias=False, activation="gelu"),
+    dict(activation="relu", scale_attn_by_inverse_layer_idx=True),
+    dict(activation="silu", scale_attn_weights=False, tie_word_embeddings=False),
+    dict(dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("options", SINGLE_ROW_CONFIGS)
+def test_single_row_step_equals_batched_step(options):
+    """One unpadded sequence decodes on vectors (row_step.py); same logits as the batched step."""
+    options = dict(options)
+    dtype = options.pop("dtype", torch.float32)
+    torch.manual_seed(0)
+    model = lmforge.GPT(lmforge.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=3, n_head=4,
+                                          **options)).to(dtype).eval()
+    with torch.no_grad():  # nonzero biases and LayerNorm affines, so every term is exercised
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.5)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        row, batched = Forward(model, 1, 32, None), Forward(model, 1, 32, None)
+        batched.row_step = None
+        assert row.row_step is not None
+        a, b = row.prefill(ids, None), batched.prefill(ids, None)
+        for _ in range(26):  # to the last slot of the cache (31 positions)
+            tokens = b.argmax(-1)
+            a, b = row.step(tokens), batched.step(tokens)
+            assert a.shape == b.shape == (1, 97) and a.dtype == torch.float32
+            torch.testing.assert_close(a, b, **tol)
+        assert row.cache.length == batched.cache.length == 31
+        with pytest.raises(ValueError, match="KV cache is full"):
+            row.step(tokens)
+
+
+def test_single_row_step_is_used_only_where_it_applies(models):
+    _, model = models
+    ids, mask = padded_batch(model.config.vocab_size)
+    assert Forward(model, 1, 20, None).row_step is not None
+    assert Forward(model, 3, 20, None).row_step is None
+    assert Forward(model, 1, 20, mask[:1]).row_step is None  # padded: the batched step's mask and positions
+    assert Forward(model, 1, 20, None, "static").row_step is None
+    model.train()
+    try:
+        assert Forward(model, 1, 20, None).row_step is None  # dropout lives in the batched step
+    finally:
+        model.eval()
+    from lmforge.tasks.lora import apply_lora
+
+    adapted = apply_lora(copy.deepcopy(model), rank=2, alpha=4, targets=["c_fc"])
+    assert Forward(adapted, 1, 20, None).row_step is None  # an adapter's forward is its own
+
+
+@pytest.mark.parametrize("decode_layout", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(repetition_penalty=1.3, no_repeat_ngram_size=2)])
+def test_single_prompt_greedy_matches_transformers(models, options, decode_layout):
+    hf, model = models
+    if decode_layout:  # column-major weights, as the CLI, server and pipelines load a model
+        model = copy.deepcopy(model).optimize_for_decoding()
+        assert model.lm_head.weight.stride() == (1, model.config.vocab_size)
+    ids = torch.randint(4, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    ours = model.generate(ids, max_new_tokens=40, eos_token_id=[], **options)
+    theirs = hf_generate(hf, ids, None, max_new_tokens=40, eos_token_id=None, **options)
+    assert torch.equal(ours, theirs)
+    if decode_layout:  # and a left-padded batch (the batched step) with the same layout
+        ids, mask = padded_batch(model.config.vocab_size)
+        ours = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], **options)
+        assert torch.equal(ours, hf_generate(hf, ids, mask, max_new_tokens=12, eos_token_id=None, **options))
 
 
 def test_seed_makes_sampling_reproducible_without_touching_global_rng(models):

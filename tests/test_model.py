@@ -173,3 +173,40 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, x).loss.backward()
         grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_optimize_for_decoding_moves_weights_column_major_and_changes_nothing_else(tied, tmp_path):
+    model, plain = tiny(tie_word_embeddings=tied), tiny(tie_word_embeddings=tied)
+    ids, mask, positions = left_padded_batch()
+    storage = {p.untyped_storage().nbytes() for p in model.parameters()}
+    assert model.optimize_for_decoding() is model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        rows, cols = m.weight.shape
+        assert m.weight.stride() == (1, rows) and m.weight.t().is_contiguous()
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    assert {p.untyped_storage().nbytes() for p in model.parameters()} == storage  # no extra copy kept
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions).logits,
+                                   plain(ids, attention_mask=mask, position_ids=positions).logits)
+    # It still saves, loads back and trains like the row-major model.
+    model.save_pretrained(tmp_path / "m")
+    from lmforge import load_model
+
+    loaded = load_model(tmp_path / "m", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, plain(ids).logits)
+    for m in (model, plain):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m(ids, ids).loss.backward()
+        opt.step()
+    torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight, plain.transformer.h[0].mlp.c_fc.weight)
+    torch.testing.assert_close(model.lm_head.weight, plain.lm_head.weight)
+
+
+def test_optimize_for_decoding_leaves_bf16_alone():
+    model = tiny().to(torch.bfloat16)
+    model.optimize_for_decoding()
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -250,6 +250,25 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.impl = impl
 
+    def optimize_for_decoding(self) -> "GPT":
+        """Store the weight matrices column-major ((in, out) in memory, as GPT-2's Conv1D) when the
+        model is float32 on the CPU, and return self.
+
+        MKL's matrix-vector kernel streams that layout faster: a batch-1 decode step, which reads
+        every weight once, is ~8% quicker and a batch-8 step ~14% (2-core Xeon, benchmarks/generate.py).
+        Values, shapes, ties and memory are unchanged; training still works. Elsewhere a no-op: the
+        CPU's bf16 kernels are faster row-major, and GPU kernels choose their own layout.
+        """
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return self
+        with torch.no_grad():
+            done: set[int] = set()
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and id(module.weight) not in done:
+                    done.add(id(module.weight))  # the tied LM head is the embedding: move it once
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied LM head counts once, as in transformers)."""
         n = sum(p.numel() for p in self.parameters())

@@ -109,7 +109,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _load(args: argparse.Namespace, need_tokenizer: bool = True):
     from lmforge.checkpoint import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device).optimize_for_decoding()
     if not need_tokenizer:
         return model, None
     from lmforge.tokenizer import Tokenizer

@@ -107,11 +107,13 @@ def load(args: argparse.Namespace):
         torch.manual_seed(0 if args.seed is None else args.seed)
         model = GPT(config).eval().to(device=resolve_device(args.device))
         dtype = resolve_dtype(args.dtype)
-        return (model if dtype is None else model.to(dtype)), tokenizer
+        model = model if dtype is None else model.to(dtype)
+        return model.optimize_for_decoding(), tokenizer
 
     from lmforge.checkpoint import load_model
 
     model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    model.optimize_for_decoding()  # this model only generates (here and in `lmforge serve`)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or getattr(model, "checkpoint_dir", None) or args.model)
     return model, tokenizer
 

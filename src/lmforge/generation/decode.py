@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, check_option_names
+from lmforge.generation.row_step import RowStep
 from lmforge.generation.sampling import greedy_token, make_logits_processor, sample_token
 from lmforge.model import GPT, KVCache
 
@@ -208,7 +209,8 @@ class Forward:
     """Prefill and one-token decode steps over a request's KV cache; logits of the last position only.
 
     Keeps the attention mask and position ids of left-padded batches in preallocated buffers.
-    mode "dynamic" runs model.forward_hidden over the filled part of the cache. "static" is a
+    mode "dynamic" runs model.forward_hidden over the filled part of the cache (or, for one unpadded
+    sequence of a model in eval mode, the same step on vectors: row_step.py). "static" is a
     static-shape step (whole-cache attention under a mask, cache writes at a tensor index) and
     "compiled" is that step under torch.compile with CUDA graphs, as in gpt-fast.
     """
@@ -231,6 +233,9 @@ class Forward:
             self.mask[:, : mask.size(1)] = mask.bool()
         self.next_position: torch.Tensor | None = None
         self.static = _StaticStep(model, self.cache, self.mask, compile=mode == "compiled") if static else None
+        single_row = (mode == "dynamic" and batch_size == 1 and mask is None and not model.training
+                      and RowStep.supports(model))
+        self.row_step = RowStep(model, self.cache) if single_row else None
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         positions = None if mask is None else _positions(mask)
@@ -246,7 +251,9 @@ class Forward:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); return the next logits (B, vocab) in float32."""
         positions = self.next_position
-        if self.static is not None:
+        if self.row_step is not None:
+            logits = self.row_step(tokens).float()[None]
+        elif self.static is not None:
             logits = self.static(tokens, positions)
         else:
             mask = None if self.mask is None else self.mask[:, : self.cache.length + 1]
