@@ -206,7 +206,17 @@ def test_optimize_for_decoding_moves_weights_column_major_and_changes_nothing_el
     torch.testing.assert_close(model.lm_head.weight, plain.lm_head.weight)
 
 
-def test_optimize_for_decoding_leaves_bf16_alone():
-    model = tiny().to(torch.bfloat16)
-    model.optimize_for_decoding()
-    assert all(p.is_contiguous() for p in model.parameters())
+def test_optimize_for_decoding_makes_bf16_row_major(tmp_path):
+    plain = tiny()
+    plain.save_pretrained(tmp_path / "m")
+    from lmforge import load_model
+
+    model = load_model(tmp_path / "m", dtype="bf16", device="cpu")  # blocks come column-major
+    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.optimize_for_decoding()
+        assert all(p.is_contiguous() for p in model.parameters())
+        torch.testing.assert_close(model(ids).logits, before, rtol=2e-2, atol=2e-2)
+    assert model.lm_head.weight is model.transformer.wte.weight
