@@ -5,10 +5,10 @@ most of the step. What is left is ~12 small operations a layer, and each costs f
 arithmetic (dispatch, Python, and caches just flushed by megabytes of streamed weights). So this
 step does the arithmetic of GPT.forward_hidden for one token with as few operations as it can: on
 vectors of shape (C,), no batch or time dimension, biases inside the matrix-vector products
-(addmv), the layer's tensors looked up once per request rather than per step, and attention for
-the one query spelled out as two small batched products over the filled part of the cache:
+(addmv), the layer's tensors looked up once per request rather than per step, and the one query
+attending to the filled part of the cache through the fused kernel:
 
-    scores_h = q_h K_h^T * scale,   y_h = softmax(scores_h) V_h       (per head h)
+    y_h = softmax(q_h K_h^T * scale) V_h       (per head h)
 
 Equal to the batched step up to float rounding (tested); generation.decode.Forward uses it for one
 unpadded sequence of a model in eval mode.
@@ -79,12 +79,11 @@ class RowStep:
     def __init__(self, model: GPT, cache: KVCache) -> None:
         self.model, self.cache = model, cache
         self.layers = [_Layer.of(block, cache, i) for i, block in enumerate(model.transformer.h)]
-        self.zero = model.transformer.wte.weight.new_zeros(())  # baddbmm's ignored input (beta=0)
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token (shape (1,)) at position cache.length; write its keys/values, advance the
         cache, and return the next-token logits (vocab,) in the model's dtype."""
-        model, cache, zero = self.model, self.cache, self.zero
+        model, cache = self.model, self.cache
         cfg, t = model.config, model.transformer
         n = cache.length
         if n >= cache.max_length:
@@ -100,13 +99,11 @@ class RowStep:
             q, k, v = torch.addmv(qkv_b, qkv_w, h).view(3, H, D)  # each (H, D)
             keys[:, n] = k
             values[:, n] = v
-            # q_h K_h^T * scale for every head in one call; `zero` only supplies a shape (beta=0).
-            scores = torch.baddbmm(zero, q.unsqueeze(1), keys[:, : n + 1].transpose(1, 2), beta=0, alpha=scale)
-            if scores.dtype == torch.float32:
-                weights = torch.softmax(scores, dim=-1)  # (H, 1, S)
-            else:  # half-precision scores are normalised in fp32, as the fused kernels do
-                weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-            y = torch.bmm(weights, values[:, : n + 1]).view(C)  # Concat(head_1..head_h)
+            # The fused kernel for the one query (a hand-written bmm/softmax/bmm is no faster here,
+            # and in bf16 oneDNN would build and keep a kernel for every new cache length).
+            y = F.scaled_dot_product_attention(
+                q.view(1, H, 1, D), keys[None, :, : n + 1], values[None, :, : n + 1], scale=scale
+            ).view(C)  # Concat(head_1..head_h)
             # x + W^O y + b: x is this step's own buffer, so adding the bias in place is safe.
             x = torch.addmv(x.add_(out_b), out_w, y)
             h = F.layer_norm(x, (C,), ln_2_w, ln_2_b, eps)
