@@ -14,9 +14,9 @@ first, measured the same way for both libraries. The batch-1 bandwidth ceiling i
 copy bandwidth / bytes of weights read per token (every weight once; the tied embedding once, as the
 LM head; one row of the position table), with copy bandwidth measured before every batch-1 repeat
 (median; the range is printed: on a shared host it moves). lmforge's model is loaded as the CLI,
-server and pipelines load it (--layout decode: GPT.optimize_for_decoding()). For context, the same fraction is reported for a step that
-is nothing but the weights' matrix-vector products (F.linear, as the model calls them): how close the
-BLAS kernels alone come to that ceiling on the machine.
+server and pipelines load it (--layout decode: GPT.optimize_for_decoding()). For context, the same
+fraction is reported for a step that is nothing but the weights' matrix-vector products (F.linear,
+as the model calls them): how close the BLAS kernels alone come to that ceiling on the machine.
 """
 
 from __future__ import annotations
@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory figures (child processes)")
     p.add_argument("--quick", action="store_true", help="smoke run: a 4-layer, 256-wide model, 1 repeat")
     p.add_argument("--layout", choices=["decode", "as-loaded"], default="decode",
-                   help="lmforge weight layout: after GPT.optimize_for_decoding() (fp32: column-major, as the "
-                        "CLI, server and pipelines load a model), or row-major as load_model gives it")
+                   help="lmforge weight layout: after GPT.optimize_for_decoding(), as the CLI, server and "
+                        "pipelines load a model, or as load_model gives it (column-major blocks, row-major "
+                        "LM head)")
     p.add_argument("--memory-child", choices=["lmforge", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
