@@ -148,7 +148,7 @@ def test_unknown_task_and_options_that_do_not_apply(tmp_path, clf_dir, capsys):
 def test_inputs_longer_than_the_context_keep_their_end(tmp_path, lm_dir):
     """A document longer than the context loses its beginning; the continuation is still returned
     (it used to come back empty: the new tokens were sliced at the untruncated prompt width)."""
-    from lmforge.checkpoint import load_model
+    from lmforge import load_model
     from lmforge.tasks import pipeline
     from lmforge.tokenizer import Tokenizer
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmforge.cli.generate import SAMPLING_FLAGS, add_generation_flags
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="perplexity, multiple choice, generation and classification metrics",
@@ -49,13 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="translation: source/target; summarization: document/summary(ies); qa: context/question/answers")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     s.add_argument("--template", default=None, help="prompt template with {field} slots (default: the task's)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 (translation, summarization), 32 (qa)")
-    s.add_argument("--num-beams", type=int, default=None)
-    s.add_argument("--do-sample", action="store_true", default=None)
-    s.add_argument("--temperature", type=float, default=None)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
+    add_generation_flags(s, SAMPLING_FLAGS, max_new_tokens="64 (translation, summarization), 32 (qa)")
     s.add_argument("--use-stemmer", action="store_true", help="ROUGE with Porter stemming (summarization)")
     _output_flags(s, "generate")
     s.set_defaults(func=run_generate)
@@ -107,7 +103,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _load(args: argparse.Namespace, need_tokenizer: bool = True):
-    from lmforge.checkpoint import load_model
+    from lmforge import load_model
 
     model = load_model(args.model, device=args.device).optimize_for_decoding()
     if not need_tokenizer:
@@ -187,9 +183,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     started = time.time()
     rows = _limit(evaluation.read_jsonl(args.data), args.limit)
-    config = evaluation.generation_config_for(args.task, **_set(
-        args, max_new_tokens="max_new_tokens", num_beams="num_beams", do_sample="do_sample",
-        temperature="temperature", top_k="top_k", top_p="top_p", seed="seed"))
+    options = _set(args, **{name: name for name in (*SAMPLING_FLAGS, "do_sample")})
+    config = evaluation.generation_config_for(args.task, **options)
     model, tok = _load(args)
     if args.use_stemmer and args.task != "summarization":
         raise ValueError("--use-stemmer applies to --task summarization (ROUGE) only")

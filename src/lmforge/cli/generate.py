@@ -18,7 +18,7 @@ RULE = 100 * "-"
 # Flags that map one-to-one onto GenerationConfig fields (the name with _ for -): type, help.
 _OPTION_FLAGS: dict[str, tuple[type, str]] = {
     "max_length": (int, "total length, prompt included"),
-    "max_new_tokens": (int, "tokens to generate after the prompt (wins over --max-length)"),
+    "max_new_tokens": (int, "tokens to generate after the prompt"),
     "min_new_tokens": (int, "do not stop at eos before this many new tokens"),
     "temperature": (float, "sampling temperature, > 0"),
     "top_k": (int, "sample from the k most likely tokens (0: all)"),
@@ -28,14 +28,13 @@ _OPTION_FLAGS: dict[str, tuple[type, str]] = {
     "num_return_sequences": (int, "generations per prompt; more than one without --num-beams implies --do-sample"),
     "num_beams": (int, "beam search with this many beams (1: off)"),
     "length_penalty": (float, "beam search: score / length ** this"),
-    "seed": (int, "seed for sampling (and for --preset's random weights)"),
+    "seed": (int, "seed for sampling"),
 }
+# The flags `evaluate generate` and `run` share with `generate` (with --do-sample).
+SAMPLING_FLAGS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "seed")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lmforge.generation import GenerationConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
     p = subparsers.add_parser(
         "generate", help="generate text from a prompt (greedy, sampling, beam search, streaming)",
         description="Continue a prompt with a checkpoint (directory or Hub name) or a randomly initialised "
@@ -44,13 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PATH_OR_NAME", help="checkpoint directory or Hub name (e.g. gpt2)")
     source.add_argument("--preset", metavar="NAME",
-                        help="a randomly initialised preset (e.g. tiny) with the byte-level tokenizer: works offline")
+                        help="a randomly initialised preset (e.g. tiny; seeded by --seed) with the byte-level "
+                             "tokenizer: works offline")
     p.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--prompt", required=True, help='the prompt text, or "-" to read prompts from stdin, one per line')
-    for name, (kind, text) in _OPTION_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"{text} (default: {_describe_default(name, defaults[name])})")
-    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
+    add_generation_flags(p)
     p.add_argument("--early-stopping", choices=["true", "false", "never"], default=None,
                    help="beam search: stop when num_beams hypotheses are finished (default: false)")
     p.add_argument("--eos-token-id", type=int, action="append", default=None,
@@ -65,10 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _describe_default(name: str, value: Any) -> str:
-    if name == "max_new_tokens":
-        return "20 when --max-length is not given either"
-    return "unset" if value is None else str(value)
+def add_generation_flags(p: argparse._ActionsContainer, names: tuple[str, ...] = tuple(_OPTION_FLAGS),
+                         max_new_tokens: str = "20 when --max-length is not given either; wins over it") -> None:
+    """A flag per GenerationConfig field in `names`, and --do-sample; each help names the dataclass
+    default (`max_new_tokens` describes the caller's own). Unset flags stay None."""
+    from lmforge.generation import GenerationConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+    for name in names:
+        kind, text = _OPTION_FLAGS[name]
+        default = max_new_tokens if name == "max_new_tokens" else "unset" if defaults[name] is None else defaults[name]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} (default: {default})")
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +115,7 @@ def load(args: argparse.Namespace):
         model = model if dtype is None else model.to(dtype)
         return model.optimize_for_decoding(), tokenizer
 
-    from lmforge.checkpoint import load_model
+    from lmforge import load_model
 
     model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
     model.optimize_for_decoding()  # this model only generates (here and in `lmforge serve`)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmforge.cli.generate import SAMPLING_FLAGS, add_generation_flags
+
 TASKS = "text-generation, sentiment-analysis (= text-classification), translation, summarization, question-answering"
 
 
@@ -30,14 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     g = p.add_argument_group("generation (text-generation, translation, summarization, question-answering)")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: 50 (text-generation), 64 (translation, summarization), 32 (question-answering)")
-    g.add_argument("--num-beams", type=int, default=None)
-    g.add_argument("--do-sample", action="store_true", default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    add_generation_flags(g, SAMPLING_FLAGS, max_new_tokens="50 (text-generation), 64 (translation, summarization), "
+                                                           "32 (question-answering)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -48,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_file(
         args.task, args.model, args.input, args.output, field=args.field, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, progress=False if args.no_progress else None,
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        **{name: getattr(args, name) for name in (*SAMPLING_FLAGS, "do_sample")},
     )
     print(f"{summary.task}: {summary.rows} rows in {summary.seconds:.1f} s -> {summary.output}")
     return 0

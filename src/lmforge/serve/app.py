@@ -21,7 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest  # the HTTP request (the engine has its own requests)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -89,14 +90,194 @@ class _Limits:
         await self.app(scope, limited_receive, send)
 
 
+# ---- errors: always OpenAI's body ----------------------------------------------------------
+
+# Errors raised while handling a request -> (status, OpenAI error type, code); the message is str(exc).
+_ERROR_STATUS: dict[type[Exception], tuple[int, str, str | None]] = {
+    QueueFullError: (429, "rate_limit_error", "rate_limit_exceeded"),
+    EngineStoppedError: (503, "server_error", "service_unavailable"),
+    ConfigError: (400, "invalid_request_error", None),
+    _Failed: (500, "server_error", None),
+}
+
+
+async def _known_error(http: HTTPRequest, exc: Exception) -> JSONResponse:
+    status, kind, code = next(_ERROR_STATUS[t] for t in type(exc).__mro__ if t in _ERROR_STATUS)
+    return _json(status, error_body(str(exc), kind, code=code))
+
+
+async def _api_error(http: HTTPRequest, exc: _APIError) -> JSONResponse:
+    return _json(exc.status, exc.body)
+
+
+async def _invalid(http: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
+    elif where:
+        message = f"{where}: {message}"
+    return _json(400, error_body(message, param=None if first.get("type") == "json_invalid" or not loc else loc[0]))
+
+
+async def _http_error(http: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+    return _json(exc.status_code, error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                                             else "server_error"))
+
+
+async def _crash(http: HTTPRequest, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return _json(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+
+# ---- routes -----------------------------------------------------------------------------------
+
+
+class _Routes:
+    """The route handlers and what they share: the engine, the served model name, the chat template."""
+
+    def __init__(self, engine: Engine, name: str, template: ChatTemplate) -> None:
+        self.engine, self.name, self.template = engine, name, template
+        self.tokenizer = engine.tokenizer
+        self.created = int(time.time())
+
+    async def health(self) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "lmforge", "max_model_len": self.engine.max_model_len}]}
+
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(_prometheus(self.engine.metrics()))
+
+    async def index(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise _APIError(404, f"The model `{requested}` does not exist; this server serves `{self.name}`",
+                            param="model", code="model_not_found")
+
+    async def completions(self, body: CompletionRequest, http: HTTPRequest) -> Any:
+        self.check_model(body.model)
+        if body.echo:
+            raise _APIError(400, "echo is not supported by this server", param="echo")
+        if body.suffix:
+            raise _APIError(400, "suffix is not supported by this server", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise _APIError(400, "best_of other than n is not supported by this server", param="best_of")
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt)]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [self.tokenizer.encode(p) for p in prompt]
+        elif prompt and all(isinstance(p, list) for p in prompt):
+            prompts = [list(p) for p in prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            raise _APIError(400, "prompt must be a non-empty string, list of strings, or token ids", param="prompt")
+        params = body.sampling_params(body.max_tokens or 16, body.logprobs)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+        job = _Job(self.engine, prompts, params, body.n)
+
+        def logprobs(outs: list[Output], offset: int) -> dict | None:
+            return None if body.logprobs is None else self.completion_logprobs(outs, offset)
+
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                offsets = [0] * job.total
+                async for out in job.events(http):
+                    if not (out.text or out.finish_reason or body.logprobs is not None):
+                        continue
+                    choice = {"index": out.index, "text": out.text,
+                              "logprobs": logprobs([out], offsets[out.index]), "finish_reason": out.finish_reason}
+                    offsets[out.index] += len(out.text)
+                    yield {**head, "choices": [choice]}
+            return _sse(job, chunks(), head, body.include_usage)
+
+        results = await job.collect(http)
+        choices = [{"index": i, "text": "".join(o.text for o in outs), "logprobs": logprobs(outs, 0),
+                    "finish_reason": outs[-1].finish_reason if outs else "abort"} for i, outs in enumerate(results)]
+        return {**head, "choices": choices, "usage": job.usage()}
+
+    def completion_logprobs(self, outs: list[Output], offset: int) -> dict:
+        """The legacy completions' logprobs: tokens, their logprobs, the top alternatives, text offsets."""
+        outs = [o for o in outs if o.token_id is not None]
+        tokens = [self.tokenizer.decode([o.token_id]) for o in outs]
+        tops, offsets = [], []
+        for o, tok in zip(outs, tokens):
+            tops.append(None if o.top_logprobs is None else
+                        {self.tokenizer.decode([t]): lp for t, lp in o.top_logprobs})
+            offsets.append(offset)
+            offset += len(tok)
+        return {"tokens": tokens, "token_logprobs": [o.logprob for o in outs], "top_logprobs": tops,
+                "text_offset": offsets}
+
+    async def chat_completions(self, body: ChatCompletionRequest, http: HTTPRequest) -> Any:
+        self.check_model(body.model)
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        prompt = self.tokenizer.encode(self.template.render(messages, add_generation_prompt=True))
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = self.engine.max_model_len - max(1, len(prompt))
+            if max_tokens < 1:
+                raise _APIError(400, f"This model's maximum context length is {self.engine.max_model_len} tokens; "
+                                     f"the messages take {len(prompt)}. Please reduce the length of the messages.",
+                                param="messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens, top, extra_stop=self.template.stop)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        job = _Job(self.engine, [prompt], params, body.n)
+
+        def logprobs(outs: list[Output]) -> dict | None:
+            return None if top is None else self.chat_logprobs(outs)
+
+        if body.stream:
+            head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.name,
+                    "system_fingerprint": None}
+
+            async def chunks() -> AsyncIterator[dict]:
+                for i in range(job.total):  # the role comes first, as OpenAI sends it
+                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]}
+                async for out in job.events(http):
+                    if not (out.text or out.finish_reason or top is not None):
+                        continue
+                    delta = {"content": out.text} if out.text else {}
+                    yield {**head, "choices": [{"index": out.index, "delta": delta, "logprobs": logprobs([out]),
+                                                "finish_reason": out.finish_reason}]}
+            return _sse(job, chunks(), head, body.include_usage)
+
+        results = await job.collect(http)
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+                    "logprobs": logprobs(outs), "finish_reason": outs[-1].finish_reason if outs else "abort"}
+                   for i, outs in enumerate(results)]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.name,
+                "system_fingerprint": None, "choices": choices, "usage": job.usage()}
+
+    def chat_logprobs(self, outs: list[Output]) -> dict:
+        """Chat's logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
+        content = []
+        for o in outs:
+            if o.token_id is None:
+                continue
+            token = self.tokenizer.decode([o.token_id])
+            top = [{"token": (t := self.tokenizer.decode([i])), "logprob": lp, "bytes": list(t.encode())}
+                   for i, lp in (o.top_logprobs or [])]
+            content.append({"token": token, "logprob": o.logprob, "bytes": list(token.encode()), "top_logprobs": top})
+        return {"content": content}
+
+
 def create_app(engine: Engine, config: ServerConfig | None = None, chat_template: ChatTemplate | None = None,
                model_name: str = "model") -> FastAPI:
     """The FastAPI application; its lifespan starts the engine and stops it (cancelling what still runs)."""
     config = config or ServerConfig()
-    name = config.served_model_name or model_name
-    template = chat_template or ChatTemplate()
-    tokenizer = engine.tokenizer
-    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,192 +289,19 @@ def create_app(engine: Engine, config: ServerConfig | None = None, chat_template
     app.add_middleware(_Limits, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    # ---- errors: always OpenAI's body ------------------------------------------------------
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
-        elif where:
-            message = f"{where}: {message}"
-        return _json(400, error_body(message, param=None if first.get("type") == "json_invalid" or not loc else loc[0]))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _json(exc.status_code, error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500
-                                                 else "server_error"))
-
-    @app.exception_handler(_APIError)
-    async def _api(request: Request, exc: _APIError) -> JSONResponse:
-        return _json(exc.status, exc.body)
-
-    @app.exception_handler(QueueFullError)
-    async def _busy(request: Request, exc: QueueFullError) -> JSONResponse:
-        return _json(429, error_body(str(exc), "rate_limit_error", code="rate_limit_exceeded"))
-
-    @app.exception_handler(EngineStoppedError)
-    async def _stopped(request: Request, exc: EngineStoppedError) -> JSONResponse:
-        return _json(503, error_body(str(exc), "server_error", code="service_unavailable"))
-
-    @app.exception_handler(ConfigError)
-    async def _bad(request: Request, exc: ConfigError) -> JSONResponse:
-        return _json(400, error_body(str(exc)))
-
-    @app.exception_handler(_Failed)
-    async def _failed(request: Request, exc: _Failed) -> JSONResponse:
-        return _json(500, error_body(str(exc), "server_error"))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _json(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
-
-    # ---- plain routes ----------------------------------------------------------------------
-
-    @app.get("/health")
-    async def health() -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "lmforge", "max_model_len": engine.max_model_len}]}
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(_prometheus(engine.metrics()))
-
-    @app.get("/")
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-    def check_model(requested: str | None) -> None:
-        if requested is not None and requested != name:
-            raise _APIError(404, f"The model `{requested}` does not exist; this server serves `{name}`",
-                            param="model", code="model_not_found")
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text)
-
-    # ---- completions -----------------------------------------------------------------------
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_model(body.model)
-        if body.echo:
-            raise _APIError(400, "echo is not supported by this server", param="echo")
-        if body.suffix:
-            raise _APIError(400, "suffix is not supported by this server", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise _APIError(400, "best_of other than n is not supported by this server", param="best_of")
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            prompts = [encode(prompt)]
-        elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [encode(p) for p in prompt]
-        elif prompt and all(isinstance(p, list) for p in prompt):
-            prompts = [list(p) for p in prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
-        else:
-            raise _APIError(400, "prompt must be a non-empty string, list of strings, or token ids", param="prompt")
-        params = body.sampling_params(body.max_tokens or 16, body.logprobs)
-        rid, kind = f"cmpl-{uuid.uuid4().hex}", "text_completion"
-        head = {"id": rid, "object": kind, "created": int(time.time()), "model": name}
-        job = _Job(engine, prompts, params, body.n)
-
-        def choice_logprobs(outs: list[Output], offset: int) -> dict | None:
-            if body.logprobs is None:
-                return None
-            tokens = [tokenizer.decode([o.token_id]) for o in outs if o.token_id is not None]
-            tops, offsets = [], []
-            for o, tok in zip((o for o in outs if o.token_id is not None), tokens):
-                tops.append(None if o.top_logprobs is None else
-                            {tokenizer.decode([t]): lp for t, lp in o.top_logprobs})
-                offsets.append(offset)
-                offset += len(tok)
-            return {"tokens": tokens, "token_logprobs": [o.logprob for o in outs if o.token_id is not None],
-                    "top_logprobs": tops, "text_offset": offsets}
-
-        if body.stream:
-            async def chunks() -> AsyncIterator[dict]:
-                offsets = [0] * job.total
-                async for out in job.events(request):
-                    if not (out.text or out.finish_reason or body.logprobs is not None):
-                        continue
-                    choice = {"index": out.index, "text": out.text,
-                              "logprobs": choice_logprobs([out], offsets[out.index]), "finish_reason": out.finish_reason}
-                    offsets[out.index] += len(out.text)
-                    yield {**head, "choices": [choice]}
-            return _sse(job, chunks(), head, body.include_usage)
-
-        results = await job.collect(request)
-        choices = [{"index": i, "text": "".join(o.text for o in outs), "logprobs": choice_logprobs(outs, 0),
-                    "finish_reason": outs[-1].finish_reason if outs else "abort"} for i, outs in enumerate(results)]
-        return {**head, "choices": choices, "usage": job.usage()}
-
-    # ---- chat completions ------------------------------------------------------------------
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        check_model(body.model)
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        prompt = encode(template.render(messages, add_generation_prompt=True))
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:
-            max_tokens = engine.max_model_len - max(1, len(prompt))
-            if max_tokens < 1:
-                raise _APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; "
-                                     f"the messages take {len(prompt)}. Please reduce the length of the messages.",
-                                param="messages")
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs, extra_stop=template.stop)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        job = _Job(engine, [prompt], params, body.n)
-
-        def chat_logprobs(outs: list[Output]) -> dict | None:
-            if logprobs is None:
-                return None
-            content = []
-            for o in outs:
-                if o.token_id is None:
-                    continue
-                token = tokenizer.decode([o.token_id])
-                top = [{"token": (t := tokenizer.decode([i])), "logprob": lp, "bytes": list(t.encode())}
-                       for i, lp in (o.top_logprobs or [])]
-                content.append({"token": token, "logprob": o.logprob, "bytes": list(token.encode()),
-                                "top_logprobs": top})
-            return {"content": content}
-
-        if body.stream:
-            head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                    "system_fingerprint": None}
-
-            async def chunks() -> AsyncIterator[dict]:
-                for i in range(job.total):  # the role comes first, as OpenAI sends it
-                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]}
-                async for out in job.events(request):
-                    if not (out.text or out.finish_reason or logprobs is not None):
-                        continue
-                    delta = {"content": out.text} if out.text else {}
-                    yield {**head, "choices": [{"index": out.index, "delta": delta, "logprobs": chat_logprobs([out]),
-                                                "finish_reason": out.finish_reason}]}
-            return _sse(job, chunks(), head, body.include_usage)
-
-        results = await job.collect(request)
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
-                    "logprobs": chat_logprobs(outs), "finish_reason": outs[-1].finish_reason if outs else "abort"}
-                   for i, outs in enumerate(results)]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "system_fingerprint": None, "choices": choices, "usage": job.usage()}
-
+    for exc_type in _ERROR_STATUS:
+        app.add_exception_handler(exc_type, _known_error)
+    app.add_exception_handler(_APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)
+    routes = _Routes(engine, config.served_model_name or model_name, chat_template or ChatTemplate())
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    app.add_api_route("/", routes.index, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     return app
 
 
@@ -322,7 +330,7 @@ class _Job:
     def done(self) -> bool:
         return self.finished >= self.total
 
-    async def events(self, http: Request) -> AsyncIterator[Output]:
+    async def events(self, http: HTTPRequest) -> AsyncIterator[Output]:
         """Outputs until every choice has finished; raises _Failed on an engine error."""
         try:
             while not self.done:
@@ -344,7 +352,7 @@ class _Job:
             if not self.done:
                 self.engine.cancel(self.request)  # the client left: free the slots at the next step
 
-    async def collect(self, http: Request) -> list[list[Output]]:
+    async def collect(self, http: HTTPRequest) -> list[list[Output]]:
         results: list[list[Output]] = [[] for _ in range(self.total)]
         async for out in self.events(http):
             results[out.index].append(out)

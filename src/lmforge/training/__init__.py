@@ -4,12 +4,13 @@ build a model, a batch source and a loss, then call Trainer.train()."""
 
 from lmforge.training.config import TrainConfig, read_config_file
 from lmforge.training.distributed import DistInfo, init_distributed
+from lmforge.training.flops import flops_per_token, matmul_peak_flops
 from lmforge.training.optim import learning_rate, make_optimizer, param_groups
 from lmforge.training.sources import RandomBlocks, fixed_blocks
-from lmforge.training.trainer import Trainer, TrainResult, causal_lm_loss, count_items, matmul_peak_flops
+from lmforge.training.trainer import Trainer, TrainResult, causal_lm_loss, count_items
 
 __all__ = [
     "TrainConfig", "Trainer", "TrainResult", "causal_lm_loss", "count_items", "read_config_file", "DistInfo",
     "init_distributed", "learning_rate", "make_optimizer", "param_groups", "RandomBlocks", "fixed_blocks",
-    "matmul_peak_flops",
+    "flops_per_token", "matmul_peak_flops",
 ]

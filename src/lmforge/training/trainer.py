@@ -24,6 +24,7 @@ from lmforge.errors import TrainingError
 from lmforge.training import distributed as D
 from lmforge.training.checkpointing import RunDir, write_dir_atomic
 from lmforge.training.config import TrainConfig, config_differences
+from lmforge.training.flops import flops_per_token, matmul_peak_flops
 from lmforge.training.optim import learning_rate, make_optimizer
 
 Batch = dict[str, torch.Tensor]
@@ -118,7 +119,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.dtype == "fp16" else None
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best: float | None = None
-        self.flops_per_token = _flops_per_token(model, config.block_size)
+        self.flops_per_token = flops_per_token(model, config.block_size)
         self.peak_flops: float | None = None
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -415,43 +416,6 @@ class Trainer:
 
 
 # ---- speed accounting --------------------------------------------------------------------------
-
-
-def _flops_per_token(model: nn.Module, block_size: int | None) -> float | None:
-    """Training FLOPs per token, 6N + 12 L H Q T (PaLM appendix B, as nanoGPT): None if not a GPT."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "n_layer"):
-        return None
-    n = sum(p.numel() for p in model.parameters())
-    t = block_size or cfg.n_positions
-    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
-
-
-_PEAKS: dict[tuple[str, torch.dtype], float] = {}
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Measured dense matmul throughput (FLOP/s) of this device and dtype: the denominator of MFU."""
-    key = (str(device), dtype)
-    if key not in _PEAKS:
-        n = 4096 if device.type == "cuda" else 1024
-        g = torch.Generator(device).manual_seed(0)  # never touch the global RNG: resumed runs must match
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-        for _ in range(2):
-            a @ b
-        best = float("inf")
-        for _ in range(5):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / 4)
-        _PEAKS[key] = 2 * n**3 / best
-    return _PEAKS[key]
 
 
 def _print_above_bar(text: str) -> None:
