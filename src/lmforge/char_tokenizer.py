@@ -18,7 +18,7 @@ import numpy as np
 from lmforge._io import write_json_atomic
 from lmforge.corpus import Errors, TextSource, iter_source
 from lmforge.errors import ConfigError, DataError
-from lmforge.tokenizer import _ROLES, CHAR_FILE, EOS, TokenizerBase, _resolve
+from lmforge.tokenizer_base import CHAR_FILE, EOS, ROLES, TokenizerBase, resolve_tokenizer_path
 
 
 class CharTokenizer(TokenizerBase):
@@ -47,7 +47,7 @@ class CharTokenizer(TokenizerBase):
         self.eos_token = eos_token if eos_token in self.special_tokens_list else None
         self.bos_token = bos_token if bos_token is not None else self.eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
-        for role in _ROLES:
+        for role in ROLES:
             token = getattr(self, role)
             if token is not None and token not in self.special_tokens_list:
                 raise ConfigError(f"{role} {token!r} is not one of the special tokens {self.special_tokens_list}")
@@ -76,7 +76,7 @@ class CharTokenizer(TokenizerBase):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, revision: str | None = None) -> CharTokenizer:
         """Load lmforge_tokenizer.json from a directory (or the file itself)."""
-        path = _resolve(path, revision)
+        path = resolve_tokenizer_path(path, revision)
         file = path if path.is_file() else path / CHAR_FILE
         if not file.is_file():
             raise DataError(f"{path}: no {CHAR_FILE}; save a character tokenizer there with save_pretrained")
@@ -84,7 +84,7 @@ class CharTokenizer(TokenizerBase):
             spec = json.loads(file.read_text(encoding="utf-8"))
             if spec.get("type") != "char":
                 raise ValueError(f"type is {spec.get('type')!r}, not 'char'")
-            return cls(spec["chars"], spec["special_tokens"], **{r: spec.get(r) for r in _ROLES})
+            return cls(spec["chars"], spec["special_tokens"], **{r: spec.get(r) for r in ROLES})
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{file}: not a valid character tokenizer file ({e}); save it again") from None
 

@@ -1,0 +1,220 @@
+"""What every lmforge tokenizer shares: TokenizerBase's interface (encode, decode, batch calls with
+padding and attention masks, special token ids, save/from_pretrained), the file names, and where a
+tokenizer path or Hub name resolves to. Tokenizer (tokenizer.py) and CharTokenizer
+(char_tokenizer.py) build on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from lmforge.errors import CheckpointError, ConfigError, DataError
+
+EOS = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+CHAR_FILE = "lmforge_tokenizer.json"
+ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class BatchEncoding(dict):
+    """The result of `tokenizer(texts, ...)`: a dict ("input_ids", "attention_mask") with attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        """Move tensor values to `device` (as transformers' BatchEncoding.to)."""
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
+
+
+class TokenizerBase:
+    """What every lmforge tokenizer offers; subclasses implement the vocabulary-specific parts."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    unk_token: str | None = None
+    pad_token: str | None = None
+    model_max_length: int | None = None
+    padding_side: Literal["left", "right"] = "right"
+
+    # ---- implemented by subclasses
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def id_to_token(self, id: int) -> str | None:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of ids, special tokens included (the model's embedding rows)."""
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids; equal fingerprints encode text identically."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        raise NotImplementedError
+
+    # ---- shared
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings in the text (e.g. "<|endoftext|>") become their
+        special ids, as in transformers; split_special_tokens=True encodes them as plain text."""
+        return self.encode_batch([text], split_special_tokens)[0]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._role_id(self.eos_token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._role_id(self.bos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._role_id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._role_id(self.unk_token)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.token_to_id(t) for t in self.special_tokens]
+
+    def _role_id(self, token: str | None) -> int | None:
+        return None if token is None else self.token_to_id(token)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """Decode each row of a 2-D tensor / array or each list in a list of id lists."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        padding: bool | Literal["longest", "max_length", "do_not_pad"] = False,
+        padding_side: Literal["left", "right"] | None = None,
+        truncation: bool = False,
+        max_length: int | None = None,
+        truncation_side: Literal["left", "right"] = "right",
+        return_tensors: Literal["pt", "np"] | None = None,
+        return_attention_mask: bool = True,
+        split_special_tokens: bool = False,
+    ) -> BatchEncoding:
+        """Encode one text or a batch, as transformers' tokenizer call: "input_ids" and "attention_mask".
+
+        padding=True pads to the longest row, "max_length" to max_length; rows are padded with
+        pad_token_id, or eos_token_id when no pad token is set (the mask marks them as padding).
+        truncation=True cuts rows to max_length (or model_max_length) on truncation_side.
+        return_tensors="pt" gives int64 torch tensors, "np" int64 arrays, None lists.
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise ConfigError("the tokenizer takes a string or a list of strings")
+        side = padding_side or self.padding_side
+        if side not in ("left", "right") or truncation_side not in ("left", "right"):
+            raise ConfigError(f"padding_side and truncation_side must be 'left' or 'right', got {side!r}, {truncation_side!r}")
+        rows = self.encode_batch(texts, split_special_tokens)
+        if truncation:
+            limit = max_length if max_length is not None else self.model_max_length
+            if limit is None:
+                raise ConfigError("truncation=True needs max_length (this tokenizer has no model_max_length)")
+            rows = [r[:limit] if truncation_side == "right" else r[max(0, len(r) - limit):] for r in rows]
+        if padding is True or padding == "longest":
+            width = max((len(r) for r in rows), default=0)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ConfigError("padding='max_length' needs max_length")
+            width = max_length
+        elif padding in (False, None, "do_not_pad"):
+            width = None
+        else:
+            raise ConfigError(f"unknown padding {padding!r}: use True, 'longest', 'max_length' or False")
+        masks = [[1] * len(r) for r in rows]
+        if width is not None:
+            pad_id = self.pad_token_id if self.pad_token_id is not None else (self.eos_token_id or 0)
+            for i, r in enumerate(rows):
+                n = max(0, width - len(r))
+                if side == "right":
+                    rows[i], masks[i] = r + [pad_id] * n, masks[i] + [0] * n
+                else:
+                    rows[i], masks[i] = [pad_id] * n + r, [0] * n + masks[i]
+        out: dict[str, Any] = {"input_ids": rows}
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ConfigError("rows have different lengths; pass padding=True to return tensors")
+            if return_tensors == "pt":
+                import torch
+
+                out = {k: torch.tensor(v, dtype=torch.long).reshape(len(rows), -1) for k, v in out.items()}
+            elif return_tensors == "np":
+                out = {k: np.asarray(v, dtype=np.int64).reshape(len(rows), -1) for k, v in out.items()}
+            else:
+                raise ConfigError(f"unknown return_tensors {return_tensors!r}: use 'pt', 'np' or None")
+        elif single:
+            out = {k: v[0] for k, v in out.items()}
+        return BatchEncoding(out)
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
+            raise DataError(f"token id {bad} is out of range for this tokenizer (vocab_size {self.vocab_size}); "
+                            f"the ids come from a different tokenizer or model")
+        return ids
+
+    def _special_config(self) -> dict[str, Any]:
+        return {role: getattr(self, role) for role in ROLES}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_token={self.eos_token!r}, pad_token={self.pad_token!r})"
+
+
+# ---- byte-level BPE --------------------------------------------------------------------------
+
+
+def resolve_tokenizer_path(path_or_name: str | os.PathLike, revision: str | None) -> Path:
+    p = Path(path_or_name).expanduser()
+    if p.is_file() or p.is_dir():
+        return p
+    from lmforge.checkpoint import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(path_or_name, revision, require_weights=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"tokenizer: {e}") from None
+
+
