@@ -248,7 +248,7 @@ def sft_run(args, work: Path, name: str, base: Path, task: str, train_path: Path
     from lmforge.tasks.data import read_records
     from lmforge.tasks.finetune import finetune_sft
     from lmforge.tasks.sft import TEMPLATES, build_sft_examples, collate_sft, pack_examples
-    from lmforge.checkpoint import load_model
+    from lmforge.model import load_model
     from lmforge.tokenizer import Tokenizer
     from lmforge.training import TrainConfig
     from lmforge.training.trainer import causal_lm_loss

@@ -84,7 +84,7 @@ def test_classify_bad_inputs_exit_2_with_file_and_line(tmp_path, sentiment, caps
 
 
 def test_sft_lora_run_is_a_model_directory_and_merge_lora_matches(tmp_path, base_dir, capsys):
-    from lmforge.checkpoint import load_model
+    from lmforge import load_model
 
     rows = [{"context": f"The code is {i}.", "question": "What is the code?", "answers": [str(i)]} for i in range(24)]
     rows.append({"context": "filler " * 200, "question": "What is the code?", "answers": ["none"]})

@@ -10,7 +10,7 @@ import torch
 
 import lmforge
 from lmforge.generation import GenerationConfig, IncrementalDecoder, resolve_config, stream, stream_text
-from lmforge.generation.decode import Forward
+from lmforge.generation.forward import Forward
 from conftest import hf_gpt2
 
 pytest.importorskip("transformers")
@@ -415,7 +415,7 @@ def test_stop_strings_end_generation_once_the_string_overlaps_the_newest_token(b
 
 
 def test_stop_strings_match_across_token_boundaries_and_multibyte_characters():
-    from lmforge.generation.decode import StopStrings
+    from lmforge.generation.stops import StopStrings
 
     tok = ByteTokenizer()
     stop = StopStrings(["\u4e16", "stop"], tok)

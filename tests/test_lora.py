@@ -68,7 +68,7 @@ def test_merged_logits_equal_adapted_logits_and_training_moves_only_adapters():
 
 
 def test_save_writes_merged_model_and_adapters_and_resume_restores(tmp_path):
-    from lmforge.checkpoint import load_model
+    from lmforge import load_model
 
     lora = apply_lora(tiny(), rank=2, alpha=4, targets=["c_attn"], base_model="base-dir")
     randomise_adapters(lora)

@@ -78,7 +78,7 @@ def test_question_answering_generative_with_span(lm_dir):
 
 def test_qa_span_and_score_on_a_model_that_learned_the_answer(lm_dir):
     """Teach the template's answer to a tiny model; the answer is located in the context."""
-    from lmforge.checkpoint import load_model
+    from lmforge import load_model
     from lmforge.tasks.data import Record
     from lmforge.tasks.sft import build_sft_examples, collate_sft
 

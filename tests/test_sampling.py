@@ -187,3 +187,21 @@ def test_sampled_tokens_follow_the_filtered_distribution():
     dof = int(support.sum()) - 1
     # 99.9th percentile of chi-square with <= 5 degrees of freedom is < 20.6
     assert dof >= 2 and chi2 < 20.6, (chi2, dof)
+
+
+def test_openai_penalties_and_logit_bias_come_first_and_count_only_new_tokens():
+    from lmforge.generation.sampling import apply_logit_bias, apply_presence_frequency_penalty
+
+    scores = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    assert apply_logit_bias(scores, {0: 2.0, 3: -100.0}).tolist() == [[3.0, -2.0, 0.5, -97.0]]
+    with pytest.raises(ValueError, match="vocabulary"):
+        apply_logit_bias(scores, {4: 1.0})
+    new = torch.tensor([[2, 2, 3]])  # token 2 twice, token 3 once
+    assert apply_presence_frequency_penalty(scores, new, 0.5, 1.0).tolist() == [[1.0, -2.0, -2.0, 1.5]]
+    config = GenerationConfig(logit_bias={1: 1.0}, frequency_penalty=1.0, repetition_penalty=2.0)
+    process = make_logits_processor(config, prompt_length=2, eos_token_ids=None)
+    ids = torch.tensor([[0, 1, 1]])  # prompt [0, 1], new [1]
+    # bias: -2 -> -1; frequency (new tokens only): token 1 -> -2; repetition (prompt too): 1 / 2, -2 * 2
+    assert process(ids, scores).tolist() == [[0.5, -4.0, 0.5, 3.0]]
+    with pytest.raises(ValueError, match="logit_bias"):
+        GenerationConfig(logit_bias={-1: 1.0})

@@ -10,12 +10,12 @@ Public API (everything a user needs is importable from here):
 
 from lmforge import errors, metrics
 from lmforge.char_tokenizer import CharTokenizer
-from lmforge.checkpoint import checkpoint_info, load_model, save_pretrained
+from lmforge.checkpoint import checkpoint_info, save_pretrained
 from lmforge.config import PRESETS, GPTConfig, preset
 from lmforge.data import TokenDataset, prepare
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.generation import GenerationConfig
-from lmforge.model import GPT, CausalLMOutput, KVCache, attention_reference, lm_loss
+from lmforge.model import GPT, CausalLMOutput, KVCache, attention_reference, lm_loss, load_model
 from lmforge.tasks import GPTForSequenceClassification, apply_lora, merge_lora, pipeline
 from lmforge.tokenizer import Tokenizer
 

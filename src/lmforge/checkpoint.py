@@ -1,9 +1,10 @@
-"""Load and save Hugging Face GPT-2 checkpoint directories.
+"""Load and save Hugging Face checkpoint directories; the one strict state copy every loader uses.
 
 A directory holds config.json plus weights in one of: model.safetensors, a sharded
-model.safetensors.index.json, pytorch_model.bin, or pytorch_model.bin.index.json. Hugging Face
-GPT-2 stores the four attention/MLP projections as Conv1D, i.e. transposed relative to nn.Linear;
-that is the only layout difference. Hub names resolve through huggingface_hub and its cache.
+model.safetensors.index.json, pytorch_model.bin, or pytorch_model.bin.index.json. Tensor names and
+layouts are mapped by the model's family module (lmforge.families); this module handles files,
+shards, hub names, atomic writes and wrapper prefixes. It works on any model by duck typing
+(model.config, model.state_dict()), so it does not import lmforge.model.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Literal
 
 import torch
+from torch import nn
 
 from lmforge._io import write_atomic, write_json_atomic
 from lmforge.config import GPTConfig
 from lmforge.device import resolve_device, resolve_dtype
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.model import GPT
+from lmforge.families import family_for
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -32,12 +34,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # Preference order, as in transformers: a single file before an index, safetensors before pickle.
 WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
 
-# nn.Linear in lmforge, Conv1D (weight transposed) in Hugging Face GPT-2.
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Wrapper prefixes from torch.compile and DDP/FSDP, accepted on load and never written.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-# Causal-mask buffers that older GPT-2 checkpoints carry; the mask is built on the fly here.
-_LEGACY_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
+# Config fields named in a shape error: what decides the shapes of the weights.
+_SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "vocab_size", "n_positions", "tie_word_embeddings")
 _HUB_PATTERNS = [
     CONFIG_NAME, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
     "merges.txt", "special_tokens_map.json", "lmforge_tokenizer.json",
@@ -104,7 +104,7 @@ def _hub_snapshot(name: str, revision: str | None, require_weights: bool = True)
             f"check the name and your network, or set HF_HUB_OFFLINE=1 and pass a local directory"
         ) from None
     if not _has_weights(directory):
-        raise CheckpointError(f"Hub repo {name!r} has no GPT-2 weights ({', '.join(WEIGHT_FILES)})")
+        raise CheckpointError(f"Hub repo {name!r} has no model weights ({', '.join(WEIGHT_FILES)})")
     return directory
 
 
@@ -171,6 +171,15 @@ def read_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     )
 
 
+def read_state(directory: str | os.PathLike, config: GPTConfig) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of a checkpoint directory in lmforge's names and layouts, and the file they came from."""
+    state, source = read_state_dict(directory)
+    try:
+        return hf_to_lmforge(state, config), source
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 def _strip_prefixes(key: str) -> str:
     changed = True
     while changed:
@@ -181,135 +190,132 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _bias_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The bias tensors a Hugging Face GPT-2 of this shape has (all of them; a bias-free model has none)."""
-    e, shapes = config.n_embd, {"transformer.ln_f.bias": (config.n_embd,)}
-    for i in range(config.n_layer):
-        h = f"transformer.h.{i}."
-        shapes.update({h + "ln_1.bias": (e,), h + "attn.c_attn.bias": (3 * e,), h + "attn.c_proj.bias": (e,),
-                       h + "ln_2.bias": (e,), h + "mlp.c_fc.bias": (config.inner_dim,), h + "mlp.c_proj.bias": (e,)})
-    return shapes
-
-
-def _drop_zero_biases(state: dict[str, torch.Tensor], config: GPTConfig) -> None:
-    """A bias-free model's checkpoint carries zero biases for transformers; drop them, refusing non-zero ones."""
-    for key in _bias_shapes(config):
-        tensor = state.pop(key, None)
-        if tensor is not None and bool(tensor.count_nonzero()):
-            raise CheckpointError(
-                f"tensor {key!r} is not zero, but config.json says bias=false (a bias-free model); the weights were "
-                f"changed by a tool that kept the biases: remove \"bias\": false from config.json to load them"
-            )
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a torch.compile and a DDP wrapper."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 def hf_to_lmforge(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face GPT-2 state dict onto lmforge's parameter names (transposing Conv1D)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        key = _strip_prefixes(key)
-        if _LEGACY_BUFFER.search(key):
-            continue
-        if key != "lm_head.weight" and not key.startswith("transformer."):
-            key = "transformer." + key  # a bare GPT2Model checkpoint
-        if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        out[key] = tensor
-    if config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)  # the same tensor as wte
-    if not config.bias:
-        _drop_zero_biases(out, config)
-    return out
+    """Map a Hugging Face state dict onto lmforge's parameter names and layouts (config's family decides)."""
+    return family_for(config.family).state_from_hf({_strip_prefixes(k): v for k, v in state.items()}, config)
 
 
-def lmforge_to_hf(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a Hugging Face GPT2LMHeadModel expects: Conv1D layout, no tied duplicate, and
-    zero biases for a bias-free model (transformers' GPT-2 always has them)."""
+def lmforge_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict transformers expects for this model (its family's names and layouts), on the CPU."""
+    model = _unwrap(model)
+    state = {_strip_prefixes(k): t.detach() for k, t in model.state_dict().items()}
+    hf = family_for(model.config.family).state_to_hf(state, model.config)
+    return {k: t.contiguous().cpu() for k, t in hf.items()}
+
+
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating-point dtype a checkpoint was saved in (that of its first floating-point tensor)."""
+    return next((t.dtype for t in state.values() if t.is_floating_point()), None)
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+
+
+def copy_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    *,
+    keys: Iterable[str] | None = None,
+    allow_missing: Iterable[str] = (),
+    unexpected: Literal["error", "warn"] = "error",
+    assign: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    hint: str = "",
+) -> None:
+    """Fill `model` from `state` (lmforge's names), strictly: the one state copy every loader uses.
+
+    keys: the model's tensors to fill (default: its whole state dict, a tied weight once). Each must be
+    in `state` (except `allow_missing`) with the model's shape; a tensor the model lacks is an error,
+    or only a warning with unexpected="warn". Nothing is changed unless everything fits.
+    assign=False copies in place: the model keeps its Parameters, device and dtype (an optimizer built
+    over them stays valid). assign=True puts the tensors in (for a model built on the meta device),
+    moved to `device` and floating-point ones cast to `dtype`, and ties tied weights again.
+    Errors are CheckpointErrors naming `source`, the tensor and what the model's config implies;
+    `hint` (what to check) is appended.
+    """
+    own = model.state_dict(keep_vars=True)
+    canonical: dict[int, str] = {}
+    ties = {key: canonical.setdefault(id(t), key) for key, t in own.items()}  # alias -> first name of its tensor
+    wanted = [k for k in (own if keys is None else keys) if ties.get(k, k) == k]
     config = getattr(model, "config", None)
-    tied = getattr(config, "tie_word_embeddings", True)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        key = _strip_prefixes(key)
-        if tied and key == "lm_head.weight":
-            continue
-        tensor = tensor.detach()
-        if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        out[key] = tensor.contiguous().cpu()
-    if config is not None and not getattr(config, "bias", True):
-        dtype = out["transformer.wte.weight"].dtype
-        out.update({k: torch.zeros(shape, dtype=dtype) for k, shape in _bias_shapes(config).items()})
-    return out
+    summary = ", ".join(f"{f}={getattr(config, f)}" for f in _SHAPE_FIELDS if hasattr(config, f))
+    hint = f"; {hint}" if hint else ""
+    allowed = set(allow_missing)
+    missing = sorted(k for k in wanted if k not in state and k not in allowed)
+    extra = sorted(set(state) - set(wanted))
+    if missing or (extra and unexpected == "error"):
+        problems = ([f"missing tensors {_few(missing)}"] if missing else []) + (
+            [f"unexpected tensors {_few(extra)}"] if extra and unexpected == "error" else [])
+        raise CheckpointError(f"{source}: does not fit this model ({summary}): {', '.join(problems)}{hint}")
+    if extra:
+        warnings.warn(f"{source}: ignoring tensors the model does not use: {_few(extra)}", stacklevel=3)
+    present = [k for k in wanted if k in state]
+    for key in present:
+        got, want = tuple(state[key].shape), tuple(own[key].shape)
+        if got != want:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {got}, but the model's config implies {want} "
+                                  f"({summary}){hint}")
+    if not assign:
+        with torch.no_grad():
+            for key in present:
+                own[key].copy_(state[key])
+        return
+    tensors = {}
+    for key in present:
+        t = state[key]
+        tensors[key] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for alias, key in ties.items():  # assign replaced the Parameter the alias shared: share the new one
+        if alias != key:
+            module, _, name = key.rpartition(".")
+            alias_module, _, alias_name = alias.rpartition(".")
+            setattr(model.get_submodule(alias_module), alias_name, getattr(model.get_submodule(module), name))
 
 
-def load_model(
+def load_pretrained(
+    model_class: Callable[[GPTConfig], nn.Module],
     path_or_name: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "auto",
     revision: str | None = None,
-) -> GPT:
-    """Load a GPT-2 checkpoint: a local directory or a Hugging Face Hub name such as "gpt2".
+) -> Any:
+    """`model_class(config)` with the weights of a checkpoint: a local directory or a Hub name ("gpt2").
 
     dtype: None keeps the checkpoint's dtype; "bf16", "fp16", "fp32" (or torch dtypes) convert.
-    Raises CheckpointError naming the file or key when something does not fit.
+    The model is built on the meta device (no random init of weights about to be replaced), gets
+    `checkpoint_dir` (where tokenizer files may live) and is returned in eval mode. Tensors the
+    model does not use are ignored with a warning. Raises CheckpointError naming the file or tensor.
     """
     directory = resolve_checkpoint_dir(path_or_name, revision)
     config = load_config(directory)
-    state, source = read_state_dict(directory)
-    state = hf_to_lmforge(state, config)
-    target_dtype = resolve_dtype(dtype)
-    target_device = resolve_device(device)
-
+    state, source = read_state(directory, config)
     with torch.device("meta"):
-        model = GPT(config)  # no random init of weights we are about to replace
-    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(
-            f"{source}: missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}; the weights do not "
-            f"match config.json (n_layer={config.n_layer}, tie_word_embeddings={config.tie_word_embeddings})"
-        )
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        warnings.warn(f"{source}: ignoring tensors lmforge's GPT does not use: {unexpected[:6]}", stacklevel=2)
-    if target_dtype is None:
-        target_dtype = state["transformer.wte.weight"].dtype
-    tensors = {}
-    for key, want in expected.items():
-        t = state[key]
-        if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(t.shape)}, but config.json implies {tuple(want.shape)} "
-                f"(n_embd={config.n_embd}, n_head={config.n_head}, vocab_size={config.vocab_size}, "
-                f"n_positions={config.n_positions}); the config and weights are from different models"
-            )
-        tensors[key] = t.to(device=target_device, dtype=target_dtype if t.is_floating_point() else t.dtype)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte's Parameter
-    model.checkpoint_dir = directory  # where tokenizer files may live, for the tokenizer loader
+        model = model_class(config)
+    copy_state(model, state, source, unexpected="warn", assign=True, dtype=resolve_dtype(dtype) or stored_dtype(state),
+               device=resolve_device(device), hint="config.json and the weights are from different models")
+    model.checkpoint_dir = directory
     return model.eval()
 
 
-def load_weights(model: GPT, directory: str | os.PathLike) -> None:
+def load_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     """Copy the weights of a checkpoint directory into an existing model, in place and strictly.
 
     Used to restore a training run: the model keeps its device, dtype, parameters (so an optimizer
-    built over them stays valid) and wrappers. Raises CheckpointError on a missing or misshapen tensor.
+    built over them stays valid) and wrappers. Raises CheckpointError on a missing, unexpected or
+    misshapen tensor.
     """
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    state, source = read_state_dict(directory)
-    state = hf_to_lmforge(state, model.config)
-    own = {k: v for k, v in model.state_dict().items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: does not fit this model: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    with torch.no_grad():
-        for key, target in own.items():
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has "
-                                      f"{tuple(target.shape)}")
-            target.copy_(state[key])
+    model = _unwrap(model)
+    state, source = read_state(directory, model.config)
+    copy_state(model, state, source)
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -340,20 +346,21 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 
 
 def save_pretrained(
-    model: torch.nn.Module,
+    model: nn.Module,
     directory: str | os.PathLike,
     max_shard_size: int | str | None = None,
     tokenizer: Any = None,
+    config_updates: dict[str, Any] | None = None,
 ) -> Path:
     """Write config.json + model.safetensors (sharded above max_shard_size) loadable by transformers.
 
-    Each file is written atomically, weights before config; weight files of an earlier save in
-    another layout are removed only after the new ones are in place.
+    config_updates: config.json keys to set beyond the model config's (a task head's architecture
+    and labels). Each file is written atomically, weights before config; weight files of an earlier
+    save in another layout are removed only after the new ones are in place.
     """
     from safetensors.torch import save_file
 
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
+    model = _unwrap(model)
     config: GPTConfig = model.config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -375,7 +382,7 @@ def save_pretrained(
         write_json_atomic(directory / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written = set(names) | {SAFE_INDEX}
 
-    hf_config = config.to_hf_dict()
+    hf_config = {**config.to_hf_dict(), **(config_updates or {})}
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     write_json_atomic(directory / CONFIG_NAME, hf_config)
     for stale in [*directory.glob("model*.safetensors"), directory / SAFE_INDEX, directory / BIN_WEIGHTS, directory / BIN_INDEX, *directory.glob("pytorch_model-*.bin")]:
@@ -416,9 +423,8 @@ def checkpoint_info(path_or_name: str | os.PathLike, revision: str | None = None
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in files:
         shapes.update(_tensor_headers(f))
-    state_keys = {_strip_prefixes(k): v for k, v in shapes.items() if not _LEGACY_BUFFER.search(k)}
-    if config.tie_word_embeddings:
-        state_keys.pop("lm_head.weight", None)
+    name_from_hf = family_for(config.family).name_from_hf
+    state_keys = {k: v for k, v in shapes.items() if name_from_hf(_strip_prefixes(k), config) is not None}
     n_params = sum(_numel(shape) for shape, _ in state_keys.values())
     dtypes = sorted({dtype for _, dtype in state_keys.values()})
     size = sum(f.stat().st_size for f in files if f.is_file())

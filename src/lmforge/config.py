@@ -1,4 +1,5 @@
-"""GPTConfig: the shape of a GPT-2 family model, its presets, and the Hugging Face config mapping."""
+"""GPTConfig: the shape of a model, its presets, and the way in from / out to Hugging Face config.json
+(the key mapping itself lives in the model's family module, lmforge.families)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.families import FAMILIES, family_for
 
 # Activations the MLP supports, by their Hugging Face names. GPT-2 uses the tanh GELU ("gelu_new");
 # the erf GELU ("gelu") is close to it but not equal.
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
-SUPPORTED_MODEL_TYPES = ("gpt2",)
+# config.json keys about how transformers ran or saved the model, not about the model.
+HF_RUNTIME_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
 
 @dataclass
@@ -41,10 +44,13 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False
     bias: bool = True
     bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    # One id or several (as in Hugging Face configs): generation stops at any of them.
+    eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = None
-    # Extra keys from a Hugging Face config.json that lmforge does not use but keeps, so a
-    # load -> save round trip does not lose them (task heads, id2label, ...).
+    # The Hugging Face model_type of the checkpoint: which lmforge.families module maps names.
+    family: str = "gpt2"
+    # Keys of a Hugging Face config.json that lmforge does not use but keeps, so a load -> save round
+    # trip does not lose them (a task head's id2label, ...), and tools' own keys ("lmforge_sft").
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +75,10 @@ class GPTConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"GPTConfig.{name} must be in [0, 1), got {p!r}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.eos_token_ids):
+            raise ConfigError(f"GPTConfig.eos_token_id must be a token id, a list of them or None, got {self.eos_token_id!r}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"GPTConfig.family {self.family!r} is not supported; use one of {', '.join(FAMILIES)}")
 
     @property
     def head_dim(self) -> int:
@@ -77,6 +87,12 @@ class GPTConfig:
     @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """eos_token_id as a list (empty when there is none)."""
+        eos = self.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
     def replace(self, **changes: Any) -> "GPTConfig":
         """A copy with some fields changed (validated again); unknown names fail with a hint."""
@@ -97,85 +113,21 @@ class GPTConfig:
     # ---- Hugging Face config.json ------------------------------------------------------------
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json that `transformers.GPT2LMHeadModel.from_pretrained` reads."""
-        d = dict(self.extra)
-        d.update(
-            model_type="gpt2",
-            architectures=d.get("architectures") or ["GPT2LMHeadModel"],
-            vocab_size=self.vocab_size,
-            n_positions=self.n_positions,
-            n_ctx=self.n_positions,
-            n_embd=self.n_embd,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_inner=self.n_inner,
-            activation_function=self.activation,
-            layer_norm_epsilon=self.layer_norm_epsilon,
-            embd_pdrop=self.embd_pdrop,
-            attn_pdrop=self.attn_pdrop,
-            resid_pdrop=self.resid_pdrop,
-            initializer_range=self.initializer_range,
-            tie_word_embeddings=self.tie_word_embeddings,
-            scale_attn_weights=self.scale_attn_weights,
-            scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
-            reorder_and_upcast_attn=False,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-        )
-        # A bias-free model (nanoGPT's choice) is saved with zero biases, which transformers loads to the
-        # same logits; the extra "bias" key (transformers keeps unknown keys) lets lmforge drop them again.
-        if not self.bias:
-            d["bias"] = False
-        else:
-            d.pop("bias", None)
+        """The config.json that transformers reads (e.g. GPT2LMHeadModel.from_pretrained for "gpt2")."""
+        d = {"model_type": self.family, **family_for(self.family).config_to_hf(self)}
+        d["model_type"] = self.family  # whatever extra says
         return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "GPTConfig":
-        """Read a Hugging Face GPT-2 config dict. `source` names the file in error messages."""
+        """Read a Hugging Face config dict of a supported model_type. `source` names the file in errors."""
         model_type = d.get("model_type")
-        if model_type is None:
-            raise ConfigError(f"{source}: no 'model_type' key; lmforge reads Hugging Face configs of model_type 'gpt2'")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported yet; lmforge supports "
-                f"{', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)}"
-            )
-        if d.get("add_cross_attention"):
-            raise ConfigError(f"{source}: add_cross_attention=true (encoder-decoder GPT-2) is not supported")
-        hf_to_ours = {
-            "vocab_size": "vocab_size", "n_positions": "n_positions", "n_embd": "n_embd",
-            "n_layer": "n_layer", "n_head": "n_head", "n_inner": "n_inner",
-            "activation_function": "activation", "layer_norm_epsilon": "layer_norm_epsilon",
-            "embd_pdrop": "embd_pdrop", "attn_pdrop": "attn_pdrop", "resid_pdrop": "resid_pdrop",
-            "initializer_range": "initializer_range", "tie_word_embeddings": "tie_word_embeddings",
-            "scale_attn_weights": "scale_attn_weights",
-            "scale_attn_by_inverse_layer_idx": "scale_attn_by_inverse_layer_idx",
-            "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
-            "bias": "bias",
-        }
-        kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in hf_to_ours:
-                kwargs[hf_to_ours[key]] = value
-            elif key not in ("model_type", "n_ctx", "reorder_and_upcast_attn", "transformers_version", "dtype", "torch_dtype", "use_cache"):
-                extra[key] = value
-        if "n_positions" not in kwargs and "n_ctx" in d:
-            kwargs["n_positions"] = d["n_ctx"]
-        # An eos list (several stop ids) keeps its first id here; generation reads the full list.
-        if isinstance(kwargs.get("eos_token_id"), list):
-            extra["eos_token_id_list"] = kwargs["eos_token_id"]
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
-        for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon", "initializer_range"):
-            if key in kwargs and kwargs[key] is not None:
-                kwargs[key] = float(kwargs[key])
+        family = family_for(model_type, source)
+        kwargs = family.config_from_hf({k: v for k, v in d.items() if k != "model_type" and k not in HF_RUNTIME_KEYS},
+                                       source)
         try:
-            return cls(**kwargs, extra=extra)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except TypeError as e:
+            return cls(**kwargs, family=model_type)
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod

@@ -3,23 +3,30 @@
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
     MultiHead(X)       = Concat(head_1, ..., head_h) W^O,   head_i = Attention(X W_i^Q, X W_i^K, X W_i^V)
 
-A block is pre-LayerNorm: x = x + Attn(LN_1(x)); x = x + MLP(LN_2(x)). Parameter names follow
-GPT-2's (transformer.h.0.attn.c_attn, ...) so Hugging Face weights load with four transposes.
+A block is pre-LayerNorm: x = x + Attn(LN_1(x)); x = x + MLP(LN_2(x)). One forward path for every
+use (training, prefill, batched decoding, generation's static-shape step); for one token of one
+sequence, each module also states its equations on (C,) vectors (row_step), since at batch 1 every
+operation besides the weight products costs more than its arithmetic. Parameter names are lmforge's
+own; families/ maps them to and from each Hugging Face scheme.
 Shapes: B batch, T query length, S key length (cache + new), H heads, D head_dim, C = H * D.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.checkpoint import load_pretrained, save_pretrained as save_checkpoint
+from lmforge.checkpoint import load_weights as copy_weights_from
 from lmforge.config import GPTConfig, preset
+from lmforge.generation import generate as generate_tokens
 
 AttentionImpl = Literal["sdpa", "reference"]
 
@@ -107,6 +114,46 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    # A continuous-batching server keeps each running sequence in a row, right-aligned at the shared
+    # length (left padding masked out); these let it run, grow, shift and refill rows.
+
+    def rows(self, n: int) -> "KVCache":
+        """The first n rows as a cache sharing this one's storage and length (a batch of n runs)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[:, :n], self.v[:, :n], self.length
+        return view
+
+    def grow(self, max_length: int) -> None:
+        """Reallocate for `max_length` positions, keeping the filled part."""
+        if max_length < self.length:
+            raise ValueError(f"cannot shrink a KV cache holding {self.length} positions to {max_length}")
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], max_length, old.size(4)))
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
+    def shift(self, d: int, rows: int | None = None) -> None:
+        """Move the filled positions of the first `rows` rows (default all) d places: right for d > 0
+        (new positions on the left), left for d < 0 (the first -d are dropped). length changes by d."""
+        n = self.length
+        if not -n <= d <= self.max_length - n:
+            raise ValueError(f"cannot shift {n} filled positions by {d} within {self.max_length}")
+        for buffer in (self.k[:, :rows], self.v[:, :rows]):
+            if d > 0:
+                buffer[:, :, :, d:d + n] = buffer[:, :, :, :n].clone()
+            elif d < 0:
+                buffer[:, :, :, : n + d] = buffer[:, :, :, -d:n].clone()
+        self.length = n + d
+
+    def copy_row(self, dst: int, source: "KVCache", src: int = 0) -> None:
+        """Copy the filled positions of row `src` of `source` into row `dst`, ending at this cache's length."""
+        p, end = source.length, self.length
+        if p > end:
+            raise ValueError(f"a row of {p} positions does not fit before position {end}")
+        self.k[:, dst, :, end - p:end] = source.k[:, src, :, :p]
+        self.v[:, dst, :, end - p:end] = source.v[:, src, :, :p]
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with GPT-2's fused Q, K, V projection (c_attn) and W^O (c_proj)."""
@@ -118,8 +165,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # [W^Q | W^K | W^V]
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W^O
-        self.attn_dropout = config.attn_pdrop
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_pdrop = config.resid_pdrop
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= float(layer_idx + 1)
@@ -129,23 +176,59 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        # [Q | K | V] -> three (B, H, T, D) views in as few operations as possible: a decoded token
+        # pays for each one about as much as for a kernel.
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D)
         if self.impl == "sdpa":
-            dropout = self.attn_dropout if self.training else 0.0
+            dropout = self.attn_pdrop if self.training else 0.0
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
             )
         else:
             y = attention_reference(q, k, v, mask, is_causal, self.scale)
-            if self.training and self.attn_dropout > 0:
+            if self.training and self.attn_pdrop > 0:
                 raise NotImplementedError("attention dropout is only implemented in the sdpa path")
         y = y.transpose(1, 2).reshape(B, T, C)  # Concat(head_1..head_h)
-        return self.resid_dropout(self.c_proj(y))
+        return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
+
+    def row_step(self, kv_cache: KVCache) -> RowStep:
+        """x, h -> x + MultiHead(h) for one token of one sequence (cache row 0) on (C,) vectors: the
+        equations of forward with the fewest operations (see GPT.row_step), one query attending to
+        the filled cache, y_h = softmax(q_h K_h^T * scale) V_h."""
+        H, D, scale = self.n_head, self.head_dim, self.scale
+        qkv_weight, qkv_bias = self.c_attn.weight, _bias(self.c_attn)
+        out_weight, out_bias = self.c_proj.weight, _bias(self.c_proj)
+        keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (H, max_length, D)
+
+        def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            n = kv_cache.length
+            q, k, v = torch.addmv(qkv_bias, qkv_weight, h).view(3, H, D)  # each (H, D)
+            keys[:, n] = k
+            values[:, n] = v
+            # The fused kernel for the one query (a hand-written bmm/softmax/bmm is no faster here,
+            # and in bf16 oneDNN would build and keep a kernel for every new cache length).
+            y = F.scaled_dot_product_attention(
+                q.view(1, H, 1, D), keys[None, :, : n + 1], values[None, :, : n + 1], scale=scale
+            ).view(H * D)  # Concat(head_1..head_h)
+            return torch.addmv(x.add_(out_bias), out_weight, y)  # x is the step's own buffer
+
+        return step
+
+
+# A one-row step: (x, h) -> x + sublayer(h) on (C,) vectors, built once per request.
+RowStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bias(layer: nn.Linear) -> torch.Tensor:
+    """The layer's bias, or zeros for a bias-free model, so the one-row step always uses addmv."""
+    return layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout where it changes something; elsewhere not even a call (a decode step would pay for it)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
 def _activation(name: str) -> nn.Module:
@@ -164,10 +247,20 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.inner_dim, bias=config.bias)
         self.act = _activation(config.activation)
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        return _dropout(self.c_proj(self.act(self.c_fc(x))), self.resid_pdrop, self.training)
+
+    def row_step(self) -> RowStep:
+        """x, h -> x + MLP(h) on (C,) vectors (see GPT.row_step)."""
+        fc_weight, fc_bias, act = self.c_fc.weight, _bias(self.c_fc), self.act.forward
+        proj_weight, proj_bias = self.c_proj.weight, _bias(self.c_proj)
+
+        def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            return torch.addmv(x.add_(proj_bias), proj_weight, act(torch.addmv(fc_bias, fc_weight, h)))
+
+        return step
 
 
 class Block(nn.Module):
@@ -181,6 +274,28 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache)
         return x + self.mlp(self.ln_2(x))
+
+    def row_step(self, kv_cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> the block's output for one token of one sequence, on (C,) vectors (see GPT.row_step)."""
+        attn, mlp = self.attn.row_step(kv_cache), self.mlp.row_step()
+        ln_1, ln_2 = _layer_norm_row(self.ln_1), _layer_norm_row(self.ln_2)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            x = attn(x, ln_1(x))
+            return mlp(x, ln_2(x))
+
+        return step
+
+    def supports_row_step(self) -> bool:
+        """The one-row step reads the projections' weights itself: plain nn.Linear layers only (a
+        wrapped layer, e.g. a LoRA adapter, runs its own forward through the batched path)."""
+        layers = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+        return all(type(layer) is nn.Linear for layer in layers)
+
+
+def _layer_norm_row(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, bias, shape, eps = norm.weight, norm.bias, norm.normalized_shape, norm.eps
+    return lambda x: F.layer_norm(x, shape, weight, bias, eps)
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -213,7 +328,6 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.n_positions, config.n_embd),
-                drop=nn.Dropout(config.embd_pdrop),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
@@ -311,16 +425,68 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         mask, is_causal = self._attention_mask(attention_mask, B, T, past, input_ids.device)
+        hidden = self.forward_blocks(input_ids, position_ids, mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return hidden
 
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+    def forward_blocks(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Embeddings, blocks and final LayerNorm on prepared inputs: (B, T) ids and positions, a
+        boolean mask broadcastable to (B, H, T, S) (or None, with is_causal), any object with
+        KVCache.update. No checks and no Python numbers that change between decode steps, so
+        torch.compile captures it once (generation's static-shape step calls it directly)."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
+        x = _dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, mask, is_causal, kv_cache, use_reentrant=False)
             else:
                 x = block(x, mask, is_causal, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return self.transformer.ln_f(x)
+
+    def row_step(self, kv_cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode step of one unpadded sequence over row 0 of `kv_cache`, built once per request:
+        token (shape (1,)) at position kv_cache.length -> next-token logits (vocab,) in the model's
+        dtype, its keys/values written and the cache advanced.
+
+        Batch-1 decoding is bound by reading every weight once per token, and each small operation
+        besides the matrix-vector products costs far more than its arithmetic (dispatch, Python,
+        caches just flushed by megabytes of streamed weights). So each module also states its
+        equations on (C,) vectors with the fewest operations: no batch or time dimension, biases and
+        residuals inside the products (addmv), its tensors looked up once here rather than per step.
+        Equal to forward up to float rounding (tested); use it where supports_row_decoding() says so.
+        """
+        t, n_positions = self.transformer, self.config.n_positions
+        blocks = [block.row_step(kv_cache) for block in t.h]
+        wte, wpe, head = t.wte.weight, t.wpe.weight, self.lm_head.weight
+        ln_f = _layer_norm_row(t.ln_f)
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            n = kv_cache.length
+            if n >= kv_cache.max_length:
+                raise ValueError(f"KV cache is full: {n + 1} positions needed, {kv_cache.max_length} allocated")
+            if n >= n_positions:
+                raise ValueError(f"sequence length {n + 1} exceeds the model's context n_positions={n_positions}")
+            x = (wte[token] + wpe[n]).view(-1)
+            for block in blocks:
+                x = block(x)
+            kv_cache.advance(1)
+            return torch.mv(head, ln_f(x))  # the LM head has no bias
+
+        return step
+
+    def supports_row_decoding(self) -> bool:
+        """Whether row_step applies: in eval mode (dropout lives in the batched path) with plain
+        projections (a wrapped layer, e.g. a LoRA adapter, runs its own forward there)."""
+        return (not self.training and type(self.lm_head) is nn.Linear
+                and all(block.supports_row_step() for block in self.transformer.h))
+
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_length` positions (default: the context)."""
+        return KVCache.for_model(self, batch_size, max_length)
 
     def forward(
         self,
@@ -362,20 +528,30 @@ class GPT(nn.Module):
         own = torch.arange(S, device=device)[None, :] == q_pos[:, None]
         return mask | own[None, None], False
 
+    @classmethod
+    def from_pretrained(
+        cls, path_or_name: str | os.PathLike, dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = "auto", revision: str | None = None,
+    ) -> "GPT":
+        """Load a checkpoint (also `lmforge.load_model`): a local directory or a Hugging Face Hub name
+        such as "gpt2". dtype: None keeps the checkpoint's dtype; "bf16", "fp16", "fp32" (or torch
+        dtypes) convert. device: "auto" picks cuda, then mps, then cpu. Raises CheckpointError
+        naming the file or tensor when something does not fit."""
+        return load_pretrained(cls, path_or_name, dtype=dtype, device=device, revision=revision)
+
     def generate(self, input_ids, attention_mask=None, generation_config=None, **options):
         """Continue prompts (greedy, sampling, beam search); see lmforge.generation.generate."""
-        from lmforge.generation.decode import generate  # generation builds on the model, not the reverse
+        return generate_tokens(self, input_ids, attention_mask, generation_config, **options)
 
-        return generate(self, input_ids, attention_mask, generation_config, **options)
-
-    def load_weights(self, directory) -> None:
+    def load_weights(self, directory: str | os.PathLike) -> None:
         """Copy the weights saved in `directory` into this model in place (used to resume training)."""
-        from lmforge.checkpoint import load_weights
+        copy_weights_from(self, directory)
 
-        load_weights(self, directory)
-
-    def save_pretrained(self, directory, max_shard_size: int | str | None = None, tokenizer=None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str | None = None,
+                        tokenizer: Any = None) -> None:
         """Write config.json + model.safetensors that transformers and lmforge both load."""
-        from lmforge.checkpoint import save_pretrained  # checkpoint builds on the model, not the reverse
+        save_checkpoint(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
 
-        save_pretrained(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
+
+# lmforge.load_model(path_or_name, dtype=None, device="auto", revision=None) -> GPT
+load_model = GPT.from_pretrained

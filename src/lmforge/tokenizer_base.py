@@ -80,21 +80,11 @@ class TokenizerBase:
         special ids, as in transformers; split_special_tokens=True encodes them as plain text."""
         return self.encode_batch([text], split_special_tokens)[0]
 
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._role_id(self.eos_token)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._role_id(self.bos_token)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._role_id(self.pad_token)
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._role_id(self.unk_token)
+    # The id of each special-token role (None when the role is unset).
+    eos_token_id = property(lambda self: self._role_id(self.eos_token))
+    bos_token_id = property(lambda self: self._role_id(self.bos_token))
+    pad_token_id = property(lambda self: self._role_id(self.pad_token))
+    unk_token_id = property(lambda self: self._role_id(self.unk_token))
 
     @property
     def special_tokens(self) -> list[str]:

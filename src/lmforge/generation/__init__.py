@@ -6,11 +6,14 @@
 
 from lmforge.generation.beam import beam_search
 from lmforge.generation.config import GenerationConfig
-from lmforge.generation.decode import DecodeStep, Decoder, GenerationOutput, generate, resolve_config
+from lmforge.generation.decode import DecodeStep, Decoder, generate
+from lmforge.generation.request import GenerationOutput, resolve_config
 from lmforge.generation.sampling import (
-    apply_repetition_penalty, apply_temperature, ban_repeated_ngrams, greedy_token, make_logits_processor,
-    sample_token, suppress_tokens, top_k_filter, top_p_filter,
+    Sampler, apply_logit_bias, apply_presence_frequency_penalty, apply_repetition_penalty, apply_temperature,
+    ban_repeated_ngrams, greedy_token, make_logits_processor, sample_token, suppress_tokens, top_k_filter,
+    top_p_filter,
 )
+from lmforge.generation.stops import StopStrings
 from lmforge.generation.stream import IncrementalDecoder, stream, stream_text
 
 __all__ = [
@@ -18,4 +21,5 @@ __all__ = [
     "resolve_config", "stream", "stream_text", "IncrementalDecoder",
     "apply_repetition_penalty", "ban_repeated_ngrams", "suppress_tokens", "apply_temperature",
     "top_k_filter", "top_p_filter", "greedy_token", "sample_token", "make_logits_processor",
+    "apply_logit_bias", "apply_presence_frequency_penalty", "Sampler", "StopStrings",
 ]

@@ -7,17 +7,16 @@ from typing import Any
 import torch
 
 from lmforge.generation.config import GenerationConfig
-from lmforge.generation.decode import (
-    Forward, GenerationOutput, Request, StopStrings, make_generator, prepare_request, resolve_config,
-)
-from lmforge.generation.sampling import make_logits_processor
-from lmforge.model import GPT
+from lmforge.generation.forward import Forward
+from lmforge.generation.request import GenerationOutput, PreparedRequest, prepare_request, resolve_config
+from lmforge.generation.sampling import make_generator, make_logits_processor
+from lmforge.generation.stops import StopStrings
 
 _BIG_NEGATIVE = -1.0e9  # transformers' "impossible" score (keeps the arithmetic finite, ties identical)
 
 
 def beam_search(
-    model: GPT, input_ids: Any, attention_mask: Any = None, config: GenerationConfig | None = None,
+    model: Any, input_ids: Any, attention_mask: Any = None, config: GenerationConfig | None = None,
     *, tokenizer: Any = None,
 ) -> torch.Tensor | GenerationOutput:
     """Beam search (beam sampling with do_sample), the vectorised algorithm of transformers >= 4.50:
@@ -68,7 +67,7 @@ class _Beams:
     `_beam_search`, including its -1e9 "impossible" scores, so ties break the same way.
     """
 
-    def __init__(self, req: Request, config: GenerationConfig, device: torch.device) -> None:
+    def __init__(self, req: PreparedRequest, config: GenerationConfig, device: torch.device) -> None:
         B, nb, L = req.batch_size, config.num_beams, req.input_ids.size(1)
         self.config, self.B, self.nb, self.prompt_length, self.max_length = config, B, nb, L, req.max_length
         self.eos = torch.tensor(req.eos, device=device) if req.eos else None

@@ -28,6 +28,8 @@ class GenerationConfig:
     Strategy: greedy (default), sampling (`do_sample`), beam search (`num_beams > 1`), beam sampling
     (both). The warpers temperature, top_k, top_p apply only when sampling; top_k=50 is the default, as
     in transformers. `seed` makes sampling reproducible without touching torch's global generator.
+    OpenAI's `logit_bias` (token id -> added score) and presence/frequency penalties (over the new
+    tokens only) are lmforge additions; they apply first, before the repetition penalty.
     """
 
     max_length: int | None = None
@@ -38,6 +40,9 @@ class GenerationConfig:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     no_repeat_ngram_size: int = 0
     num_return_sequences: int = 1
     num_beams: int = 1
@@ -79,9 +84,10 @@ class GenerationConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "length_penalty"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not _is_number(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.do_sample and not self.temperature > 0:
             raise ConfigError(
@@ -92,6 +98,12 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p} (1 disables it)")
         if not self.repetition_penalty > 0:
             raise ConfigError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(t) and t >= 0 and _is_number(b) for t, b in self.logit_bias.items()
+            ):
+                raise ConfigError(f"logit_bias must map token ids >= 0 to finite numbers, got {self.logit_bias!r}")
+            self.logit_bias = dict(self.logit_bias)
         if self.early_stopping not in (True, False, "never"):
             raise ConfigError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
@@ -117,6 +129,13 @@ class GenerationConfig:
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
 
+    @property
+    def start_token_id(self) -> int | None:
+        """The token an empty prompt starts from: bos, else the first eos (None when neither is set)."""
+        if self.bos_token_id is not None:
+            return self.bos_token_id
+        return self.eos_token_id[0] if self.eos_token_id else None
+
     def replace(self, **options: Any) -> "GenerationConfig":
         """A copy with some options changed (validated again); unknown names fail with a hint."""
         check_option_names(options)
@@ -133,6 +152,10 @@ def check_option_names(options: dict[str, Any]) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _normalize_eos(eos: Any) -> list[int] | None:

@@ -1,9 +1,11 @@
-"""Logits -> filtered logits -> token, as small pure functions.
+"""Logits -> filtered logits -> token: the one sampler of generate() and the server.
 
 Each filter takes scores (B, vocab) and returns new scores; none mutates its input. Semantics and
 order follow transformers' logits processors and warpers exactly (the tests compare them on the same
 inputs): repetition penalty, no-repeat n-grams, min-new-tokens, then, only when sampling,
-temperature, top-k, top-p. `make_logits_processor` composes the ones a GenerationConfig turns on.
+temperature, top-k, top-p. OpenAI's logit bias and presence/frequency penalties, when set, come
+first. `make_logits_processor` composes the ones a GenerationConfig turns on; `Sampler` adds the
+choice (argmax, or a draw from a seeded generator) for one request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,31 @@ from lmforge.generation.config import GenerationConfig
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token_ids, scores) -> scores
 
 _NEG_INF = float("-inf")
+
+
+def apply_logit_bias(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Add bias[token] to each listed token's score (OpenAI's logit_bias: -100 bans, +100 forces)."""
+    vocab = scores.size(-1)
+    if any(not 0 <= t < vocab for t in bias):
+        bad = next(t for t in bias if not 0 <= t < vocab)
+        raise ValueError(f"logit_bias token id {bad} is outside the vocabulary 0..{vocab - 1}")
+    ids = torch.tensor(list(bias), device=scores.device)
+    out = scores.clone()
+    out[:, ids] += torch.tensor(list(bias.values()), device=scores.device, dtype=scores.dtype)
+    return out
+
+
+def apply_presence_frequency_penalty(
+    scores: torch.Tensor, output_ids: torch.Tensor, presence: float, frequency: float,
+) -> torch.Tensor:
+    """OpenAI's penalties: subtract frequency * (times the token was generated) and presence * (whether
+    it was). `output_ids` (B, n) are the new tokens only; the prompt does not count."""
+    vocab = scores.size(-1)
+    counts = torch.zeros(scores.size(0), vocab + 1, dtype=scores.dtype, device=scores.device)
+    ids = output_ids.clamp(max=vocab)  # ids beyond the scores' vocab land in a dropped extra column
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=scores.dtype, device=scores.device))
+    counts = counts[:, :vocab]
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
 def apply_repetition_penalty(
@@ -115,6 +142,12 @@ def make_logits_processor(
     """Compose the filters `config` turns on into one (token_ids, scores) -> scores function, in
     transformers' order; None when there is nothing to do (plain greedy or plain sampling)."""
     steps: list[LogitsProcessor] = []
+    if config.logit_bias:
+        bias = dict(config.logit_bias)
+        steps.append(lambda ids, s: apply_logit_bias(s, bias))
+    if config.presence_penalty or config.frequency_penalty:
+        presence, frequency = float(config.presence_penalty), float(config.frequency_penalty)
+        steps.append(lambda ids, s: apply_presence_frequency_penalty(s, ids[:, prompt_length:], presence, frequency))
     if config.repetition_penalty != 1.0:
         penalty = float(config.repetition_penalty)
         steps.append(lambda ids, s: apply_repetition_penalty(s, ids, penalty, ignore_before))
@@ -144,3 +177,66 @@ def make_logits_processor(
         return scores
 
     return process
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A private generator when a seed is given; otherwise torch's global one (as transformers)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]] | None]:
+    """log p(token) under softmax(logits) (vocab,), and the `top` most likely (id, logprob) pairs (None for 0)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best = None
+    if top > 0:
+        values, ids = logprobs.topk(top)
+        best = list(zip(ids.tolist(), values.tolist()))
+    return float(logprobs[token]), best
+
+
+class Sampler:
+    """How one request chooses its next tokens: the filters its GenerationConfig turns on, then the
+    argmax (greedy) or a draw from the softmax, from a private generator when `config.seed` is set."""
+
+    def __init__(
+        self, config: GenerationConfig, *, prompt_length: int, device: torch.device | str,
+        ignore_before: torch.Tensor | None = None,
+    ) -> None:
+        self.process = make_logits_processor(
+            config, prompt_length=prompt_length, eos_token_ids=config.eos_token_id, ignore_before=ignore_before,
+        )
+        self.do_sample = config.do_sample
+        self.generator = make_generator(config.seed, device) if config.do_sample else None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no filter: the argmax of the raw logits."""
+        return self.process is None and not self.do_sample
+
+    def __call__(self, token_ids: torch.Tensor | None, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B,), the processed scores (B, vocab) they were chosen from). `token_ids` (B, length),
+        prompt included, is read only by filters that need the history (None is fine without them)."""
+        scores = logits if self.process is None else self.process(token_ids, logits)
+        tokens = sample_token(scores, self.generator) if self.do_sample else greedy_token(scores)
+        return tokens, scores
+
+
+def choose_rows(
+    logits: torch.Tensor, samplers: Sequence[Sampler], histories: Sequence[Callable[[], torch.Tensor]],
+) -> list[int]:
+    """Row i's next token under samplers[i] (a batch of independent requests); histories[i]() gives
+    its (1, length) token ids, asked for only when its filters need them. Plain greedy rows share
+    one argmax over the batch; the others choose alone, so a seeded row draws as it would alone."""
+    greedy: list[int] | None = None
+    tokens = []
+    for i, (sampler, history) in enumerate(zip(samplers, histories)):
+        if sampler.plain_greedy:
+            if greedy is None:
+                greedy = greedy_token(logits).tolist()
+            tokens.append(greedy[i])
+        else:
+            token, _ = sampler(history() if sampler.process is not None else None, logits[i:i + 1])
+            tokens.append(int(token))
+    return tokens

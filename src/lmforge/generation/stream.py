@@ -2,7 +2,8 @@
 
 Byte-level BPE can spread one character over several tokens (each holding part of its UTF-8 bytes);
 decoding such a token alone gives U+FFFD. IncrementalDecoder holds text back until the bytes
-complete a character, so the pieces concatenate to exactly decode(all ids).
+complete a character, so the pieces concatenate to exactly decode(all ids). TextStream adds stop
+strings on top, as a server streams them: cut out, and never half shown.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lmforge.generation.config import GenerationConfig
-from lmforge.generation.decode import DecodeStep, Decoder, resolve_config
-from lmforge.model import GPT
+from lmforge.generation.decode import DecodeStep, Decoder
+from lmforge.generation.request import resolve_config
+from lmforge.generation.stops import find_stop, held_back
 
 _REPLACEMENT = "\ufffd"
 
@@ -65,8 +67,41 @@ class IncrementalDecoder:
         return text[len(before):]
 
 
+class TextStream:
+    """The text of one sequence for a client, piece by piece: pieces never split a character, a stop
+    string ends the text and is left out (OpenAI's semantics), and an end of the text that could
+    begin a stop string is held back until it is known not to."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), *, skip_special_tokens: bool = True) -> None:
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.stop = list(stop)
+        self.text = ""
+        self.sent = 0  # characters of text already handed out
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a generated token; return (the text now safe to show, whether a stop string ended it)."""
+        new_from = len(self.text)
+        self.text += self.decoder.push(token)
+        return self._release(new_from, final=False)
+
+    def finish(self) -> tuple[str, bool]:
+        """Generation ended (eos, length): the rest of the text, up to a stop string its tail completes."""
+        new_from = len(self.text)
+        self.text += self.decoder.flush()
+        return self._release(new_from, final=True)
+
+    def _release(self, new_from: int, final: bool) -> tuple[str, bool]:
+        hit = find_stop(self.text, self.stop, new_from) if self.stop else -1
+        if hit != -1:
+            end = hit
+        else:
+            end = len(self.text) - (0 if final else held_back(self.text, self.stop))
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece, hit != -1
+
+
 def stream(
-    model: GPT, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
+    model: torch.nn.Module, input_ids: Any, attention_mask: Any = None, generation_config: GenerationConfig | None = None,
     *, tokenizer: Any = None, **options: Any,
 ) -> Iterator[DecodeStep]:
     """Greedy or sampling decoding, one DecodeStep (tokens (B,), finished (B,)) per new token.
@@ -79,7 +114,7 @@ def stream(
 
 
 def stream_text(
-    model: GPT, tokenizer: Any, prompt: str | Sequence[int], generation_config: GenerationConfig | None = None,
+    model: torch.nn.Module, tokenizer: Any, prompt: str | Sequence[int], generation_config: GenerationConfig | None = None,
     *, skip_special_tokens: bool = False, **options: Any,
 ) -> Iterator[str]:
     """Text pieces of one continuation of `prompt` (a string, encoded with `tokenizer`, or ids), as

@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Engine": "engine", "EngineConfig": "engine", "SamplingParams": "engine", "Output": "engine",
+    "Engine": "engine", "EngineConfig": "engine", "EngineRequest": "engine", "SamplingParams": "engine",
+    "Output": "engine",
     "QueueFullError": "engine", "EngineStoppedError": "engine",
     "ServerConfig": "config", "create_app": "app", "run_server": "app",
     "ChatTemplate": "chat", "DEFAULT_CHAT_TEMPLATE": "chat",

@@ -1,5 +1,9 @@
 """Continuous batching: one scheduler thread owns the model and decodes every running sequence at once.
 
+The engine only schedules: the KV cache is model.KVCache, and choosing tokens (filters, penalties,
+seeded draws), stop ids and strings and incremental detokenizing come from lmforge.generation, so a
+request gives the tokens generate() gives with the same settings and seed.
+
 Sequences join the running batch at the next decode step and leave as soon as they finish; nobody
 waits for the slowest member of a batch. The layout is a set of static slots over one KV cache with a
 shared length (model.KVCache's contract: every row writes its next key/value at the same index):
@@ -32,9 +36,10 @@ from typing import Any, Callable
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.generation.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
-from lmforge.generation.stream import IncrementalDecoder
-from lmforge.model import GPT
+from lmforge.generation import GenerationConfig, resolve_config
+from lmforge.generation.sampling import Sampler, choose_rows, token_logprobs
+from lmforge.generation.stream import TextStream
+from lmforge.model import GPT, KVCache
 
 log = logging.getLogger("lmforge.serve")
 
@@ -106,6 +111,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def generation_config(self, defaults: GenerationConfig) -> GenerationConfig:
+        """These options as the GenerationConfig that makes generate() give the same tokens, over the
+        model's `defaults` (its eos ids and bos). stop_token_ids stop even with ignore_eos, as in vLLM."""
+        eos = [] if self.ignore_eos else list(defaults.eos_token_id or ())
+        sampling = {} if self.greedy else dict(
+            do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        return defaults.replace(
+            max_new_tokens=self.max_tokens, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=dict(self.logit_bias) or None, stop_strings=list(self.stop) or None,
+            eos_token_id=eos + [t for t in self.stop_token_ids if t not in eos], **sampling)
+
 
 @dataclass
 class Output:
@@ -120,14 +137,17 @@ class Output:
     error: str | None = None
 
 
-class Request:
-    """A submitted request: its prompts x n sequences, parameters and event callback; cancel() frees its slots."""
+class EngineRequest:
+    """A submitted request: its prompts x n sequences, options (as given and as a GenerationConfig)
+    and event callback; cancel() frees its slots."""
 
-    def __init__(self, rid: int, prompts: list[list[int]], params: SamplingParams, n: int,
-                 callback: Callable[[Output], None]) -> None:
+    def __init__(self, rid: int, prompts: list[list[int]], params: SamplingParams, config: GenerationConfig,
+                 n: int, callback: Callable[[Output], None]) -> None:
         self.id = rid
         self.prompts = prompts
         self.params = params
+        self.config = config
+        self.stop_ids = frozenset(config.eos_token_id or ())
         self.n = n
         self.callback = callback
         self.cancelled = False
@@ -144,78 +164,44 @@ class Request:
 
 
 class _Sequence:
-    """One choice being generated: its tokens, text so far, stop-string hold-back, sampler state."""
+    """One choice being generated: its tokens, its sampler and its text so far."""
 
-    def __init__(self, request: Request, index: int, prompt: list[int], tokenizer: Any, device: torch.device) -> None:
+    def __init__(self, request: EngineRequest, index: int, prompt: list[int], tokenizer: Any,
+                 device: torch.device) -> None:
         self.request = request
-        self.params = p = request.params
+        self.params = request.params
         self.index = index
         self.prompt = prompt
         self.output: list[int] = []
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
-        self.text = ""
-        self.sent = 0  # characters of text already delivered
-        self.generator = None
-        if p.seed is not None and not p.greedy:
+        self.device = device
+        config = request.config
+        if config.seed is not None and index % request.n:
             # Choice j of a seeded request draws from seed + j: n samples differ, each reproducible.
-            self.generator = torch.Generator(device=device).manual_seed(p.seed + index % request.n)
-        self.counts: torch.Tensor | None = None  # occurrences of each token in the output (penalties)
+            config = config.replace(seed=config.seed + index % request.n)
+        self.sampler = Sampler(config, prompt_length=len(prompt), device=device)
+        # Prompt and output ids for the filters that read them (penalties), filled in as tokens come.
+        self.ids = None if self.sampler.process is None else torch.tensor(prompt + [0] * self.params.max_tokens)
+        self.text = TextStream(tokenizer, config.stop_strings or ())
         self.logprobs: tuple[float | None, list[tuple[int, float]] | None] = (None, None)  # of the newest token
 
-    def add(self, token: int, stop_ids: set[int]) -> tuple[str, str | None]:
+    def history(self) -> torch.Tensor:
+        """Prompt and output so far, (1, length)."""
+        return self.ids[None, : len(self.prompt) + len(self.output)].to(self.device)
+
+    def add(self, token: int) -> tuple[str, str | None]:
         """Append a token; return (text to deliver now, finish reason or None)."""
+        if self.ids is not None:
+            self.ids[len(self.prompt) + len(self.output)] = token
         self.output.append(token)
-        p = self.params
-        if token in stop_ids:
-            return self._finish("stop")
-        self.text += self.decoder.push(token)
-        if p.stop:
-            hit = min((i for i in (self.text.find(s, self.sent) for s in p.stop) if i != -1), default=-1)
-            if hit != -1:
-                delta, self.sent = self.text[self.sent:hit], hit
-                return delta, "stop"
-        if len(self.output) >= p.max_tokens:
-            return self._finish("length")
-        end = len(self.text) - _held_back(self.text, p.stop)
-        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return delta, None
-
-    def _finish(self, reason: str) -> tuple[str, str]:
-        self.text += self.decoder.flush()
-        end = len(self.text)
-        for s in self.params.stop:  # the flushed tail can still complete a stop string
-            i = self.text.find(s, self.sent)
-            if i != -1:
-                end, reason = min(end, i), "stop"
-        delta, self.sent = self.text[self.sent:end], end
-        return delta, reason
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could begin a stop string (not yet safe to send)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
-class _RowsView:
-    """The first n rows of the engine's cache, with the update/advance interface GPT.forward_hidden uses."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int, length: int) -> None:
-        self.k, self.v, self.length = k[:, :n], v[:, :n], length
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
+        if token in self.request.stop_ids:
+            return self.text.finish()[0], "stop"
+        piece, stopped = self.text.push(token)
+        if stopped:
+            return piece, "stop"
+        if len(self.output) >= self.params.max_tokens:
+            rest, stopped = self.text.finish()
+            return piece + rest, "stop" if stopped else "length"
+        return piece, None
 
 
 class Engine:
@@ -234,19 +220,11 @@ class Engine:
         self.device = model.device
         vocab = getattr(tokenizer, "vocab_size", model.config.vocab_size)
         self.vocab_limit = min(vocab, model.config.vocab_size)  # never sample ids the tokenizer cannot decode
-        eos = tokenizer.eos_token_id if getattr(tokenizer, "eos_token_id", None) is not None else model.config.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
-        self.start_token = eos if eos is not None else 0  # an empty prompt starts from <|endoftext|>, as GPT-2
+        self.defaults = resolve_config(model)  # the model's eos ids and bos, resolved as generate() does
 
-        cfg = model.config
-        self._capacity = min(self.max_model_len, 128)
-        shape = (cfg.n_layer, self.max_batch_size, cfg.n_head, self._capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=model.dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=model.dtype, device=self.device)
-        self.mask = torch.zeros(self.max_batch_size, self._capacity, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        self.cache = model.new_kv_cache(self.max_batch_size, min(self.max_model_len, 128))
+        self.positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # tokens per row
         self.next_tokens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
-        self.length = 0
         self.rows: list[_Sequence] = []
 
         self._waiting: deque[_Sequence] = deque()
@@ -295,7 +273,7 @@ class Engine:
                 "Please reduce the length of the prompt or the completion (max_tokens).")
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-               callback: Callable[[Output], None] | None = None) -> Request:
+               callback: Callable[[Output], None] | None = None) -> EngineRequest:
         """Queue prompts x n sequences; events go to `callback`. Raises ConfigError (does not fit),
         QueueFullError (queue full) or EngineStoppedError (shutting down)."""
         if not prompts:
@@ -310,8 +288,11 @@ class Engine:
         bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_limit]
         if bad:
             raise ConfigError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{self.vocab_limit - 1}")
-        request = Request(next(self._ids), [list(p) or [self.start_token] for p in prompts], params, n,
-                          callback or (lambda output: None))
+        if any(not p for p in prompts) and self.defaults.start_token_id is None:
+            raise ConfigError("the prompt is empty and the model has no bos or eos token to start from")
+        # An empty prompt starts from bos, as in generate().
+        request = EngineRequest(next(self._ids), [list(p) or [self.defaults.start_token_id] for p in prompts],
+                                params, params.generation_config(self.defaults), n, callback or (lambda output: None))
         with self._cond:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
@@ -327,7 +308,7 @@ class Engine:
             self._cond.notify_all()
         return request
 
-    def cancel(self, request: Request) -> None:
+    def cancel(self, request: EngineRequest) -> None:
         """Drop a request (its client went away); its rows leave the batch before the next step."""
         if not request.cancelled:
             self.counters["requests_cancelled"] += 1
@@ -398,7 +379,7 @@ class Engine:
                 for seq in list(self.rows):
                     self._fail(seq.request, f"internal error during decoding: {type(e).__name__}: {e}")
                 self.rows.clear()
-                self.length = 0
+                self.cache.reset()
         self._abort_all("the server is shutting down")
 
     def _abort_all(self, message: str) -> None:
@@ -412,14 +393,14 @@ class Engine:
                 self._fail(seq.request, message)
         self.rows.clear()
 
-    def _emit(self, request: Request, output: Output) -> None:
+    def _emit(self, request: EngineRequest, output: Output) -> None:
         try:
             request.callback(output)
         except Exception:  # a broken consumer only loses its own request
             log.exception("request %s: event callback failed", request.id)
             request.cancel()
 
-    def _fail(self, request: Request, message: str) -> None:
+    def _fail(self, request: EngineRequest, message: str) -> None:
         if request.failed:
             return
         request.failed = True
@@ -440,7 +421,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting sequences into free rows: prefill alone, pick the first token, copy into a row."""
-        prefilled: tuple[Any, ...] | None = None  # (request, prompt, k, v, logits): n > 1 shares the prefill
+        prefilled: tuple[Any, ...] | None = None  # (request, prompt, cache, logits): n > 1 shares the prefill
         while len(self.rows) < self.max_batch_size:
             with self._cond:
                 if not self._waiting:
@@ -452,131 +433,94 @@ class Engine:
             try:
                 if prefilled is None or prefilled[0] is not request or prefilled[1] is not seq.prompt:
                     prefilled = (request, seq.prompt, *self._prefill(seq.prompt))
-                _, _, k, v, logits = prefilled
+                _, _, cache, logits = prefilled
                 token = self._choose(logits[None], [seq])[0]
                 finished = self._deliver(seq, token)
                 if not finished:
                     if self.rows:
                         self.counters["joined_running_batch"] += 1
-                    self._insert(seq, k, v, token)
+                    self._insert(seq, cache, token)
             except Exception as e:
                 log.exception("request %s failed", request.id)
                 self._fail(request, f"{type(e).__name__}: {e}")
                 self._drop_cancelled()
 
     @torch.inference_mode()
-    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _prefill(self, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        view = _RowsView(*self._scratch(len(prompt)), 1, 0)
-        hidden = self.model.forward_hidden(ids, kv_cache=view)
-        logits = self.model.lm_head(hidden[0, -1]).float()
-        return view.k[:, 0, :, : len(prompt)], view.v[:, 0, :, : len(prompt)], logits
+        cache = self.model.new_kv_cache(1, len(prompt))
+        hidden = self.model.forward_hidden(ids, kv_cache=cache)
+        return cache, self.model.lm_head(hidden[0, -1]).float()
 
-    def _scratch(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.model.config
-        shape = (cfg.n_layer, 1, cfg.n_head, length, cfg.head_dim)
-        return (torch.empty(shape, dtype=self.model.dtype, device=self.device),
-                torch.empty(shape, dtype=self.model.dtype, device=self.device))
-
-    def _insert(self, seq: _Sequence, k: torch.Tensor, v: torch.Tensor, token: int) -> None:
+    def _insert(self, seq: _Sequence, prefilled: KVCache, token: int) -> None:
         """Copy a prefilled sequence into row n, right-aligned at the shared length."""
-        p = k.size(2)
+        p, n = prefilled.length, len(self.rows)
         if not self.rows:
-            self.length = 0
-        if p > self.length:
+            self.cache.reset()
+        if p > self.cache.length:
             self._ensure_capacity(p + 1)
-            self._shift(p - self.length)
-        r, end = len(self.rows), self.length
-        self.k[:, r, :, end - p:end] = k
-        self.v[:, r, :, end - p:end] = v
-        self.mask[r].zero_()
-        self.mask[r, end - p:end] = 1
-        self.positions[r] = p
-        self.next_tokens[r] = token
+            self.cache.shift(p - self.cache.length, rows=n)
+        self.cache.copy_row(n, prefilled)
+        self.positions[n] = p
+        self.next_tokens[n] = token
         self.rows.append(seq)
 
-    def _shift(self, d: int) -> None:
-        """Move every running row d positions right (d > 0) or left (d < 0) within the cache."""
-        n, L = len(self.rows), self.length
-        if d > 0:
-            for buf in (self.k, self.v):
-                buf[:, :n, :, d:d + L] = buf[:, :n, :, :L].clone()
-            self.mask[:n, d:d + L] = self.mask[:n, :L].clone()
-            self.mask[:n, :d] = 0
-        elif d < 0:
-            d = -d
-            for buf in (self.k, self.v):
-                buf[:, :n, :, : L - d] = buf[:, :n, :, d:L].clone()
-            self.mask[:n, : L - d] = self.mask[:n, d:L].clone()
-            self.mask[:n, L - d:] = 0
-            d = -d
-        self.length = L + d
-
     def _ensure_capacity(self, needed: int) -> None:
-        if needed <= self._capacity:
+        if needed <= self.cache.max_length:
             return
         if needed > self.max_model_len:
             raise RuntimeError(f"KV cache needs {needed} positions, more than max_model_len {self.max_model_len}")
-        new = min(self.max_model_len, max(needed, 2 * self._capacity))
-        L = self.length
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            buf = torch.zeros((*old.shape[:3], new, old.size(4)), dtype=old.dtype, device=old.device)
-            buf[:, :, :, :L] = old[:, :, :, :L]
-            setattr(self, name, buf)
-        mask = torch.zeros(self.max_batch_size, new, dtype=torch.long, device=self.device)
-        mask[:, :L] = self.mask[:, :L]
-        self.mask, self._capacity = mask, new
+        self.cache.grow(min(self.max_model_len, max(needed, 2 * self.cache.max_length)))
+
+    def _padding(self) -> int:
+        """Left padding common to every running row (positions no row attends to)."""
+        return int((self.cache.length - self.positions[: len(self.rows)]).min())
 
     def _make_room(self) -> None:
         """Before a step: one free position after the shared length (grow, else cut common padding)."""
-        if self.length < self._capacity:
+        if self.cache.length < self.cache.max_length:
             return
-        if self._capacity < self.max_model_len:
-            self._ensure_capacity(self.length + 1)
+        if self.cache.max_length < self.max_model_len:
+            self._ensure_capacity(self.cache.length + 1)
             return
-        n = len(self.rows)
-        padding = int((self.length - self.positions[:n]).min())
+        padding = self._padding()
         if padding < 1:  # cannot happen: every running row still fits max_model_len
             raise RuntimeError("KV cache full with no padding to reclaim")
         self.counters["compactions"] += 1
-        self._shift(-padding)
+        self.cache.shift(-padding, rows=len(self.rows))
 
     def _remove_row(self, r: int) -> None:
         last = len(self.rows) - 1
         if r != last:
-            L = self.length
-            self.k[:, r, :, :L] = self.k[:, last, :, :L]
-            self.v[:, r, :, :L] = self.v[:, last, :, :L]
-            self.mask[r] = self.mask[last]
+            self.cache.copy_row(r, self.cache, last)
             self.positions[r] = self.positions[last]
             self.next_tokens[r] = self.next_tokens[last]
             self.rows[r] = self.rows[last]
         self.rows.pop()
         if not self.rows:
-            self.length = 0
+            self.cache.reset()
         else:
             self._maybe_compact()
 
     def _maybe_compact(self) -> None:
         """After rows leave: cut the common left padding when it is a quarter of the attention span or more."""
-        n = len(self.rows)
-        padding = int((self.length - self.positions[:n]).min())
-        if padding > 0 and 4 * padding >= self.length:
+        padding = self._padding()
+        if padding > 0 and 4 * padding >= self.cache.length:
             self.counters["compactions"] += 1
-            self._shift(-padding)
+            self.cache.shift(-padding, rows=len(self.rows))
 
     def _step(self) -> None:
         """One decode step for all running rows, then each row's next token, finish checks, removals."""
         self._make_room()
-        n, L = len(self.rows), self.length
-        self.mask[:n, L] = 1
-        view = _RowsView(self.k, self.v, n, L)
+        n, L = len(self.rows), self.cache.length
+        positions = self.positions[:n]
+        # Row r attends to its own tokens, the last positions[r] of the cache, and to the new one.
+        mask = torch.arange(L + 1, device=self.device)[None, :] >= (L - positions)[:, None]
+        view = self.cache.rows(n)
         with torch.inference_mode():
-            hidden = self.model.forward_hidden(
-                self.next_tokens[:n, None], self.mask[:n, : L + 1], self.positions[:n, None], view)
+            hidden = self.model.forward_hidden(self.next_tokens[:n, None], mask, positions[:, None], view)
             logits = self.model.lm_head(hidden[:, -1]).float()
-        self.length = view.length
+        self.cache.length = view.length
         self.positions[:n] += 1
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += n
@@ -598,12 +542,19 @@ class Engine:
             if r in done or self.rows[r].request.cancelled:
                 self._remove_row(r)
 
+    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        """Each row's next token under its own sampler, among the ids the tokenizer can decode; the
+        logprobs (of the raw model distribution) are left on the sequence for _deliver."""
+        logits = logits[:, : self.vocab_limit]
+        tokens = choose_rows(logits, [s.sampler for s in seqs], [s.history for s in seqs])
+        for seq, row, token in zip(seqs, logits, tokens):
+            if seq.params.logprobs is not None:
+                seq.logprobs = token_logprobs(row, token, seq.params.logprobs)
+        return tokens
+
     def _deliver(self, seq: _Sequence, token: int) -> bool:
         """Record a chosen token, send its event; True when the sequence is finished."""
-        stop_ids = set(seq.params.stop_token_ids)
-        if not seq.params.ignore_eos:
-            stop_ids |= self.eos_ids
-        text, reason = seq.add(token, stop_ids)
+        text, reason = seq.add(token)
         logprob, top = seq.logprobs
         self.counters["generation_tokens"] += 1
         self._emit(seq.request, Output(seq.index, text, token, logprob, top, reason))
@@ -612,58 +563,3 @@ class Engine:
             if seq.request.unfinished == 0:
                 self.counters["requests_finished"] += 1
         return reason is not None
-
-    # ---- sampling ---------------------------------------------------------------------------
-
-    def _choose(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-        """Each row's next token under its own parameters; logprobs (of the raw model distribution)
-        are left on the sequence for _deliver."""
-        logits = logits[:, : self.vocab_limit]
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            row = logits[i]
-            adjusted = bool(p.logit_bias or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
-            if adjusted:
-                row = self._penalize(row, seq)
-            if p.greedy:
-                token = int(row.argmax()) if adjusted else greedy[i]
-            else:
-                scores = row[None] / p.temperature
-                if p.top_k:
-                    scores = top_k_filter(scores, p.top_k)
-                if p.top_p < 1:
-                    scores = top_p_filter(scores, p.top_p)
-                probs = torch.softmax(scores, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=seq.generator))
-            if p.logprobs is not None:
-                lps = torch.log_softmax(logits[i], dim=-1)
-                top = None
-                if p.logprobs > 0:
-                    values, ids = lps.topk(p.logprobs)
-                    top = list(zip(ids.tolist(), values.tolist()))
-                seq.logprobs = (float(lps[token]), top)
-            if seq.counts is not None:
-                seq.counts[token] += 1
-            tokens.append(token)
-        return tokens
-
-    def _penalize(self, row: torch.Tensor, seq: _Sequence) -> torch.Tensor:
-        """logit_bias, then OpenAI's presence/frequency penalties over the output so far, then
-        vLLM's repetition penalty (prompt and output)."""
-        p = seq.params
-        row = row.clone()
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=row.device)
-            row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)
-        if p.presence_penalty or p.frequency_penalty:
-            if seq.counts is None:
-                seq.counts = torch.zeros_like(row)
-                for t in seq.output:
-                    seq.counts[t] += 1
-            row = row - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0).to(row.dtype)
-        if p.repetition_penalty != 1.0:
-            ids = torch.tensor([seq.prompt + seq.output], device=row.device)
-            row = apply_repetition_penalty(row[None], ids, p.repetition_penalty)[0]
-        return row

@@ -5,8 +5,9 @@
 
 The model is GPT with its LM head swapped for `score` (num_labels x n_embd, no bias); the
 parameter names and config.json fields (`architectures`, `num_labels`, `id2label`, `label2id`,
-`pad_token_id`) are those of `transformers.GPT2ForSequenceClassification`, so checkpoints load
-both ways. `load_classifier(path)` gives a ready `predict(texts) -> labels`.
+`pad_token_id`) are those of transformers' sequence classifiers (GPT2ForSequenceClassification),
+so checkpoints load both ways. The labels are the model's own (`labels`); config.json gets them on
+save. `load_classifier(path)` gives a ready `predict(texts) -> labels`.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.checkpoint import (
-    CONFIG_NAME, _strip_prefixes, hf_to_lmforge, load_config, read_state_dict, resolve_checkpoint_dir,
-    save_pretrained as save_checkpoint,
+    CONFIG_NAME, copy_state, load_config, read_state, resolve_checkpoint_dir, save_pretrained as save_checkpoint,
+    stored_dtype,
 )
 from lmforge.config import GPTConfig
 from lmforge.device import resolve_device, resolve_dtype
-from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.errors import ConfigError, DataError
+from lmforge.families import family_for
 from lmforge.model import GPT
 
-ARCHITECTURE = "GPT2ForSequenceClassification"
 # Written when every label is an int, so predictions come back as the ints the data used.
 LABEL_TYPE_KEY = "lmforge_label_type"
+# The config.json keys that describe a classifier's head: the model holds them as `labels`.
+HEAD_KEYS = ("architectures", "num_labels", "id2label", "label2id", LABEL_TYPE_KEY)
 
 
 @dataclass
@@ -65,10 +68,11 @@ class GPTForSequenceClassification(GPT):
     """GPT-2 body + `score` head over `labels` (id i <-> labels[i])."""
 
     def __init__(self, config: GPTConfig, labels: Sequence[Hashable] | None = None, attn_impl: str = "sdpa") -> None:
-        config = dataclasses.replace(config, extra=dict(config.extra))  # the label keys are this model's own
+        labels = list(labels) if labels is not None else labels_from_config(config)
+        # The head's keys become this model's `labels`; save_pretrained writes them back.
+        config = dataclasses.replace(config, extra={k: v for k, v in config.extra.items() if k not in HEAD_KEYS})
         super().__init__(config, attn_impl)
         del self.lm_head  # the body is shared with GPT; the head is the classifier's own
-        labels = list(labels) if labels is not None else _labels_from_config(config)
         if len(labels) < 1:
             raise ConfigError("a classifier needs at least one label")
         if len(set(labels)) != len(labels):
@@ -76,7 +80,6 @@ class GPTForSequenceClassification(GPT):
         self.labels = labels
         self.score = nn.Linear(config.n_embd, len(labels), bias=False)
         nn.init.normal_(self.score.weight, mean=0.0, std=config.initializer_range)
-        self._write_label_config()
 
     @property
     def num_labels(self) -> int:
@@ -90,17 +93,15 @@ class GPTForSequenceClassification(GPT):
     def label2id(self) -> dict[Hashable, int]:
         return {label: i for i, label in enumerate(self.labels)}
 
-    def _write_label_config(self) -> None:
-        """Keep config.extra in the transformers layout, so save_pretrained writes a loadable config."""
-        extra = self.config.extra
-        extra["architectures"] = [ARCHITECTURE]
-        extra["num_labels"] = self.num_labels
-        extra["id2label"] = {str(i): str(label) for i, label in enumerate(self.labels)}
-        extra["label2id"] = {str(label): i for i, label in enumerate(self.labels)}
+    def head_config(self) -> dict[str, Any]:
+        """The config.json keys of this head, in transformers' layout (what save_pretrained adds)."""
+        d = {"architectures": [family_for(self.config.family).ARCHITECTURES["sequence_classification"]],
+             "num_labels": self.num_labels,
+             "id2label": {str(i): str(label) for i, label in enumerate(self.labels)},
+             "label2id": {str(label): i for i, label in enumerate(self.labels)}}
         if all(isinstance(label, int) and not isinstance(label, bool) for label in self.labels):
-            extra[LABEL_TYPE_KEY] = "int"
-        else:
-            extra.pop(LABEL_TYPE_KEY, None)
+            d[LABEL_TYPE_KEY] = "int"
+        return d
 
     def forward(  # type: ignore[override]
         self,
@@ -147,48 +148,32 @@ class GPTForSequenceClassification(GPT):
         """
         directory = resolve_checkpoint_dir(path_or_name, revision)
         config = load_config(directory)
-        state, source = read_state_dict(directory)
-        state = {_strip_prefixes(k): v for k, v in state.items()}
-        score = state.pop("score.weight", None)
-        state = {k: v for k, v in hf_to_lmforge(state, config).items() if k != "lm_head.weight"}
-        saved_labels = _labels_from_config(config) if score is not None else None
-        if score is not None and labels is not None and [str(x) for x in labels] != [str(x) for x in saved_labels]:
-            raise ConfigError(f"{directory / CONFIG_NAME}: the checkpoint's labels are {saved_labels}, not {list(labels)}; "
-                              f"fine-tune a fresh head from the base model instead")
-        if score is None:
-            if labels is None:
-                raise ConfigError(f"{directory}: has no classification head (score.weight), it is a language model; "
-                                  f"make a classifier from it by fine-tuning (`lmforge finetune classify --model "
-                                  f"{directory} ...`, or labels= in Python), or to score labels you already have run "
-                                  f"`lmforge evaluate score --metric classification`")
-            for key in ("architectures", "id2label", "label2id", "num_labels", LABEL_TYPE_KEY):
-                config.extra.pop(key, None)
-        model = cls(config, labels if score is None else saved_labels)
-        if score is not None:
-            state["score.weight"] = score
-        _copy_state(model, state, source, allow_missing=("score.weight",) if score is None else ())
-        target_dtype = resolve_dtype(dtype) or state["transformer.wte.weight"].dtype
-        model.to(device=resolve_device(device), dtype=target_dtype)
+        state, source = read_state(directory, config)
+        state.pop("lm_head.weight", None)  # an untied language model's head: the classifier has its own
+        has_head = "score.weight" in state
+        if has_head and labels is not None:
+            saved = labels_from_config(config)
+            if [str(x) for x in labels] != [str(x) for x in saved]:
+                raise ConfigError(f"{directory / CONFIG_NAME}: the checkpoint's labels are {saved}, not {list(labels)}; "
+                                  f"fine-tune a fresh head from the base model instead")
+        if not has_head and labels is None:
+            raise ConfigError(f"{directory}: has no classification head (score.weight), it is a language model; "
+                              f"make a classifier from it by fine-tuning (`lmforge finetune classify --model "
+                              f"{directory} ...`, or labels= in Python), or to score labels you already have run "
+                              f"`lmforge evaluate score --metric classification`")
+        model = cls(config, None if has_head else labels)  # with a head, the labels it was trained with
+        copy_state(model, state, source, allow_missing=() if has_head else ("score.weight",))
+        model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or stored_dtype(state))
         model.checkpoint_dir = directory
         return model.eval()
 
     def save_pretrained(self, directory, max_shard_size: int | str | None = None, tokenizer=None) -> None:
-        """config.json + model.safetensors that `GPT2ForSequenceClassification.from_pretrained` loads."""
-        self._write_label_config()
-        save_checkpoint(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
-
-    def load_weights(self, directory) -> None:
-        """Restore, in place and strictly, the weights save_pretrained wrote (training resume)."""
-        state, source = read_state_dict(directory)
-        state = {_strip_prefixes(k): v for k, v in state.items()}
-        score = state.pop("score.weight", None)
-        state = hf_to_lmforge(state, self.config)
-        if score is not None:
-            state["score.weight"] = score
-        _copy_state(self, state, source)
+        """config.json + model.safetensors that transformers' sequence classifier loads."""
+        save_checkpoint(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                        config_updates=self.head_config())
 
 
-def _labels_from_config(config: GPTConfig) -> list[Hashable]:
+def labels_from_config(config: GPTConfig) -> list[Hashable]:
     """Labels in id order from config.json's id2label (num_labels alone gives LABEL_0.., as transformers)."""
     extra = config.extra
     id2label = extra.get("id2label")
@@ -201,20 +186,6 @@ def _labels_from_config(config: GPTConfig) -> list[Hashable]:
             labels = [int(x) for x in labels]
         return labels
     return [f"LABEL_{i}" for i in range(int(extra.get("num_labels", 2)))]
-
-
-def _copy_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any, allow_missing: Sequence[str] = ()) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state) - set(allow_missing))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: does not fit this classifier: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(own[key].shape):
-                raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, the model has "
-                                      f"{tuple(own[key].shape)} (num_labels={getattr(model, 'num_labels', '?')})")
-            own[key].copy_(tensor)
 
 
 # ---- training pieces ---------------------------------------------------------------------------

@@ -18,8 +18,10 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
+from lmforge.checkpoint import load_pretrained
 from lmforge.config import PRESETS, preset
 from lmforge.errors import ConfigError, DataError
+from lmforge.model import GPT
 from lmforge.tasks.classification import (
     GPTForSequenceClassification, balanced_class_weights, classification_loss, collate_classification,
     encode_texts,
@@ -36,7 +38,7 @@ from lmforge.training.trainer import Trainer, TrainResult, causal_lm_loss
 class LoRASettings:
     rank: int = 8
     alpha: float = 16.0
-    targets: Sequence[str] = ("c_attn",)
+    targets: Sequence[str] | None = None  # None: the model family's usual choice (GPT-2: c_attn)
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -142,9 +144,9 @@ def _check_val_labels(train_labels: list[Hashable], val: Sequence[Record], field
 
 def _maybe_lora(model: torch.nn.Module, lora: LoRASettings | None, base: str, notes: list[str]) -> torch.nn.Module:
     if lora is not None:
-        model = apply_lora(model, lora.rank, lora.alpha, list(lora.targets), lora.dropout, base_model=base)
+        model = apply_lora(model, lora.rank, lora.alpha, lora.targets, lora.dropout, base_model=base)
         notes.append(f"LoRA rank {lora.rank}, alpha {lora.alpha} on {len(model.lora_settings['modules'])} modules "
-                     f"({', '.join(lora.targets)})")
+                     f"({', '.join(model.lora_settings['targets'])})")
     notes.append(describe_trainable(model))
     return model
 
@@ -232,7 +234,7 @@ def finetune_classifier(
                       "label_field": label_field, "train_examples": len(train_examples),
                       "group_by_length": group_by_length},
              "class_weights": weights.tolist() if weights is not None else None,
-             "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
+             "lora": dict(vars(lora), targets=net.lora_settings["targets"]) if lora else None}
     loss_fn = functools.partial(classification_loss, class_weights=weights)
     val_source = val_batches(val_examples, config.batch_size, collate, rank=dist.rank,
                              world_size=dist.world_size) if val_examples else None
@@ -266,9 +268,6 @@ def finetune_sft(
 ) -> FinetuneOutcome:
     """Train a language model on prompt -> response pairs (loss on response tokens only); the
     template is stored in the saved config.json so pipelines and evaluation reuse it."""
-    from lmforge.checkpoint import load_model
-    from lmforge.model import GPT
-
     dist = D.init_distributed(config.device)
     torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
     template = make_template(task, prompt_template, response_template, document_field)
@@ -278,7 +277,7 @@ def finetune_sft(
     tok = load_tokenizer(tokenizer, model)
     if tok.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos token; SFT ends every response with eos")
-    gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_model(model, dtype="fp32", device="cpu")
+    gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_pretrained(GPT, model, dtype="fp32", device="cpu")
     check_vocab(tok, gpt.config.vocab_size, model, tokenizer)
     gpt.config.extra[CONFIG_KEY] = template.to_dict()
     limit = min(max_length or gpt.config.n_positions, gpt.config.n_positions)
@@ -307,7 +306,7 @@ def finetune_sft(
              "data": {"train": str(train), "val": str(val) if val else None, "train_examples": stats.examples,
                       "truncated": stats.truncated, "max_length": limit,
                       "group_by_length": group_by_length},
-             "lora": dict(vars(lora), targets=list(lora.targets)) if lora else None}
+             "lora": dict(vars(lora), targets=net.lora_settings["targets"]) if lora else None}
     trainer = Trainer(net, config, source, val_source, loss_fn=causal_lm_loss, tokenizer=tok, extra_config=extra,
                       dist=dist)
     result = trainer.train()

@@ -16,6 +16,7 @@ restores the adapters (the frozen base is already in place), which is what a res
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -26,13 +27,15 @@ import torch
 from torch import nn
 
 from lmforge._io import write_atomic, write_json_atomic
+from lmforge.checkpoint import copy_state, load_config, load_pretrained
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.families import family_for
+from lmforge.model import GPT
+from lmforge.tasks.classification import GPTForSequenceClassification, labels_from_config
+from lmforge.tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS = "lora_adapter.safetensors"
 ADAPTER_CONFIG = "lora_config.json"
-DEFAULT_TARGETS = ("c_attn",)
-# GPT-2's projections: attention (c_attn = [W^Q|W^K|W^V], attn.c_proj = W^O) and MLP (c_fc, mlp.c_proj).
-KNOWN_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj", "c_proj")
 
 
 class LoRALinear(nn.Module):
@@ -81,34 +84,46 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def _family(model: nn.Module) -> Any:
+    """The Hugging Face family module of a model (its LoRA target names), None for a model without one."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    return family_for(family) if family is not None else None
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
 
 
 def apply_lora(
-    model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS,
+    model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
     dropout: float = 0.0, trainable: Sequence[str] | None = None, base_model: str | None = None,
 ) -> "LoRAModel":
     """Freeze `model`, wrap each nn.Linear whose name matches a target in LoRALinear, return a LoRAModel.
 
+    targets: module-name suffixes, the names of the model's family (GPT-2: c_attn, attn.c_proj, c_fc,
+    mlp.c_proj), or re:REGEX; default: the family's usual choice (GPT-2: c_attn).
     trainable: names of modules kept fully trainable besides the adapters (default: a
     classifier's "score" head, which starts random and must learn). Targets that match no module
     raise ConfigError listing the projections there are.
     """
     if isinstance(model, LoRAModel):
         raise ConfigError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
+    family = _family(model)
+    aliases = family.LORA_TARGETS if family is not None else {}
+    if targets is None and family is not None:
+        targets = family.LORA_DEFAULT_TARGETS
     if not targets:
-        raise ConfigError("--lora-targets is empty; name projections such as c_attn c_proj c_fc")
+        raise ConfigError(f"--lora-targets is empty; name projections such as {' '.join(aliases) or 'a module name suffix'}")
     if trainable is None:
         trainable = ["score"] if hasattr(model, "score") else []
     # The LM head is tied to the token embedding; an adapter there would untie it on merge.
     names = [n for n in _linear_names(model) if not n.endswith("lm_head")]
-    chosen = {t: [n for n in names if _matches(n, t)] for t in targets}
+    chosen = {t: [n for n in names if _matches(n, aliases.get(t, t))] for t in targets}
     unmatched = [t for t, hits in chosen.items() if not hits]
     if unmatched:
-        short = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n in names})
+        short = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in names})  # without the block index
         raise ConfigError(f"LoRA target(s) {unmatched} match no linear module; the model's projections are "
-                          f"{', '.join(short)} (give a name suffix such as c_attn or mlp.c_proj, or re:REGEX)")
+                          f"{', '.join(short)} (give {'one of ' + ', '.join(aliases) + ', ' if aliases else ''}a name suffix, or re:REGEX)")
     wrapped = sorted({n for hits in chosen.values() for n in hits})
     check_rank(rank, {n: model.get_submodule(n) for n in wrapped})
     for p in model.parameters():
@@ -222,18 +237,9 @@ class LoRAModel(nn.Module):
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         """Restore the adapters (and trainable modules) save_pretrained wrote, in place and strictly."""
-        state = read_adapter(directory)
-        own = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: does not fit these adapters: "
-                                  f"missing {missing[:4]}, unexpected {unexpected[:4]} (same --lora-rank/--lora-targets?)")
-        with torch.no_grad():
-            for name, p in own.items():
-                if state[name].shape != p.shape:
-                    raise CheckpointError(f"{Path(directory) / ADAPTER_WEIGHTS}: {name} has shape "
-                                          f"{tuple(state[name].shape)}, the model has {tuple(p.shape)}")
-                p.copy_(state[name])
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        copy_state(self.model, read_adapter(directory), Path(directory) / ADAPTER_WEIGHTS, keys=trainable,
+                   hint="were the adapters made with the same --lora-rank and --lora-targets?")
 
 
 def read_adapter(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -249,8 +255,6 @@ def read_adapter(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    import json
-
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a LoRA adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
@@ -284,21 +288,15 @@ def merge_lora_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, b
     (with a trained `score` head) are put on the base read as a classifier with the adapter
     directory's labels. Returns the merged model.
     """
-    from lmforge.checkpoint import load_model
-    from lmforge.tokenizer import Tokenizer
-
     settings = read_adapter_config(adapter_dir)
     base = base or settings.get("base_model")
     if not base:
         raise ConfigError(f"{Path(adapter_dir) / ADAPTER_CONFIG} records no base model; pass --base PATH_OR_NAME")
     if "score.weight" in read_adapter(adapter_dir):
-        from lmforge.tasks.classification import GPTForSequenceClassification, _labels_from_config
-        from lmforge.checkpoint import load_config
-
-        labels = _labels_from_config(load_config(adapter_dir))
+        labels = labels_from_config(load_config(adapter_dir))
         model: nn.Module = GPTForSequenceClassification.from_pretrained(base, labels=labels, device="cpu")
     else:
-        model = load_model(base, device="cpu")
+        model = load_pretrained(GPT, base, device="cpu")
     merged = merge_lora(load_lora(model, adapter_dir))
     tok = None
     for source in (tokenizer, adapter_dir, base):

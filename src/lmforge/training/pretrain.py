@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.char_tokenizer import CharTokenizer
-from lmforge.checkpoint import load_model
+from lmforge.model import load_model
 from lmforge.config import PRESETS, GPTConfig, preset
 from lmforge.data import HEADER_FILE, TokenDataset, prepare
 from lmforge.errors import ConfigError, DataError

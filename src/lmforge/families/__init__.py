@@ -1,0 +1,35 @@
+"""Hugging Face naming schemes, one small module per family of checkpoints.
+
+lmforge's config fields and parameter names are its own; a family module translates them to and
+from one Hugging Face scheme, as data and small functions:
+
+    ARCHITECTURES                          task -> transformers class name written to config.json
+    config_from_hf(d, source) -> dict      config.json keys -> GPTConfig keyword arguments (+ extra)
+    config_to_hf(config) -> dict           GPTConfig -> config.json keys (model_type is added by GPTConfig)
+    name_from_hf(key, config) -> str|None  one tensor name -> lmforge's (None: not a parameter of ours)
+    state_from_hf(state, config) -> dict   a whole state dict -> lmforge's names and layouts
+    state_to_hf(state, config) -> dict     lmforge's state dict -> the family's names and layouts
+    LORA_TARGETS, LORA_DEFAULT_TARGETS     LoRA target names users know -> lmforge module names
+
+Adding a family is adding a module here and a line in FAMILIES (and its parity tests).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from lmforge.errors import ConfigError
+from lmforge.families import gpt2
+
+# config.json's model_type -> the module that maps it (model types with one scheme share a module).
+FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2}
+
+
+def family_for(model_type: str | None, source: str = "config.json") -> ModuleType:
+    """The family module of `model_type`; ConfigError naming `source` when it is missing or unsupported."""
+    supported = ", ".join(repr(t) for t in FAMILIES)
+    if model_type is None:
+        raise ConfigError(f"{source}: no 'model_type' key; lmforge reads Hugging Face configs of model_type {supported}")
+    if model_type not in FAMILIES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported yet; lmforge supports {supported}")
+    return FAMILIES[model_type]
