@@ -301,6 +301,19 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(dataset, tmp_path):
     assert all(torch.isfinite(p).all() for p in before.parameters())
 
 
+def test_a_run_recorded_before_a_config_key_existed_still_resumes(dataset, tmp_path):
+    """model.family came with the families refactor: a run directory written before it resumes."""
+    make_trainer(dataset, tmp_path / "run", max_steps=4).train()
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["model"].pop("family") == "gpt2"
+    path.write_text(json.dumps(saved))
+    result = make_trainer(dataset, tmp_path / "run", max_steps=8, resume=True).train()
+    assert result.step == 8
+    with pytest.raises(TrainingError, match=r"different configuration.*train.lr"):  # a real change still refuses
+        make_trainer(dataset, tmp_path / "run", max_steps=12, lr=1e-2, resume=True).train()
+
+
 def test_resume_with_a_different_config_is_refused(dataset, tmp_path):
     make_trainer(dataset, tmp_path / "run", max_steps=4).train()
     with pytest.raises(TrainingError, match=r"different configuration.*train.lr: 0.003 -> 0.01"):

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     c = info.config
     rows = {
         "path": str(info.directory),
-        "architecture": f"GPT-2 (decoder-only), {c.n_layer} layers x {c.n_head} heads, n_embd {c.n_embd}",
+        "architecture": f"{c.family} (decoder-only), {c.n_layer} layers x {c.n_head} heads, n_embd {c.n_embd}",
         "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": c.inner_dim,
         "n_positions": c.n_positions, "vocab_size": c.vocab_size, "activation": c.activation,
         "tie_word_embeddings": c.tie_word_embeddings,

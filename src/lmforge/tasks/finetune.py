@@ -18,10 +18,9 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from lmforge.checkpoint import load_pretrained
 from lmforge.config import PRESETS, preset
 from lmforge.errors import ConfigError, DataError
-from lmforge.model import GPT
+from lmforge.model import GPT, load_model
 from lmforge.tasks.classification import (
     GPTForSequenceClassification, balanced_class_weights, classification_loss, collate_classification,
     encode_texts,
@@ -277,7 +276,7 @@ def finetune_sft(
     tok = load_tokenizer(tokenizer, model)
     if tok.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos token; SFT ends every response with eos")
-    gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_pretrained(GPT, model, dtype="fp32", device="cpu")
+    gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_model(model, dtype="fp32", device="cpu")
     check_vocab(tok, gpt.config.vocab_size, model, tokenizer)
     gpt.config.extra[CONFIG_KEY] = template.to_dict()
     limit = min(max_length or gpt.config.n_positions, gpt.config.n_positions)

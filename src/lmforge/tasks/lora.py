@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from lmforge._io import write_atomic, write_json_atomic
-from lmforge.checkpoint import copy_state, load_config, load_pretrained
+from lmforge.checkpoint import copy_state, load_config
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.families import family_for
-from lmforge.model import GPT
+from lmforge.model import load_model
 from lmforge.tasks.classification import GPTForSequenceClassification, labels_from_config
 from lmforge.tokenizer import Tokenizer
 
@@ -296,7 +296,7 @@ def merge_lora_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, b
         labels = labels_from_config(load_config(adapter_dir))
         model: nn.Module = GPTForSequenceClassification.from_pretrained(base, labels=labels, device="cpu")
     else:
-        model = load_pretrained(GPT, base, device="cpu")
+        model = load_model(base, device="cpu")
     merged = merge_lora(load_lora(model, adapter_dir))
     tok = None
     for source in (tokenizer, adapter_dir, base):

@@ -20,9 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from lmforge.checkpoint import load_pretrained
 from lmforge.errors import ConfigError, DataError
-from lmforge.model import GPT
+from lmforge.model import load_model
 from lmforge.tasks.sft import CONFIG_KEY, TEMPLATES, SFTTemplate
 
 TASK_ALIASES = {
@@ -67,7 +66,7 @@ def _load(kind: str, model: Any, device: Any, dtype: Any) -> torch.nn.Module:
             from lmforge.tasks.classification import GPTForSequenceClassification
 
             return GPTForSequenceClassification.from_pretrained(model, device=device or "auto", dtype=dtype)
-        return load_pretrained(GPT, model, dtype=dtype, device=device or "auto").optimize_for_decoding()
+        return load_model(model, dtype=dtype, device=device or "auto").optimize_for_decoding()
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model= must be a path, a Hub name or a model, got {type(model).__name__}")
     if kind == "text-classification" and not hasattr(model, "labels"):

@@ -147,9 +147,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two resolved run configs (nested dicts are walked),
-    ignoring the options in RESUMABLE_CHANGES."""
+    ignoring the options in RESUMABLE_CHANGES. A key the saved config does not have at all was added
+    by a later lmforge (e.g. model.family): the saved run ran with that key's default, so a run made
+    by an earlier version still resumes."""
     a, b = _flatten(saved), _flatten(current)
-    keys = {k for k in set(a) | set(b) if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES}
+    keys = {k for k in a if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES}
     return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
 
 
