@@ -1,4 +1,4 @@
-"""Generation speed and memory: lmforge vs transformers on the same random GPT-2 weights, same process.
+"""Generation speed and memory: lmforge vs transformers on the same random weights, same process.
 
 Prints one JSON object per figure: name, value, unit, peer (transformers), ratio, conditions.
 `ratio` is always lmforge's advantage (> 1 means lmforge is better): peer/value for times and
@@ -7,6 +7,7 @@ figure is the median of --repeats runs.
 
     python benchmarks/generate.py                       # GPT-2 small, 32 + 128 tokens, batch 1 and 8, fp32 + bf16
     python benchmarks/generate.py --quick               # a smoke run (tiny shapes, one repeat)
+    python benchmarks/generate.py --model smollm2-135m  # the Llama block (SmolLM2-135M shape) vs LlamaForCausalLM
 
 Time to first token = a generate() call with max_new_tokens=1 (prefill + choosing one token).
 Decode rate = batch * (N - 1) / (time(N new tokens) - time(1 new token)): tokens per second after the
@@ -56,22 +57,24 @@ def copy_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> flo
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-def build_checkpoint(directory: Path, shape: dict) -> None:
-    """Random GPT-2 weights written by transformers, so both libraries load identical tensors."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def build_checkpoint(directory: Path, config) -> None:
+    """Random weights written by transformers (GPT2LMHeadModel, LlamaForCausalLM, ... as the config's
+    model_type says), so both libraries load identical tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(directory)
+    hf = config.to_hf_dict()
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf)).save_pretrained(directory)
 
 
 def load_both(directory: Path, dtype: torch.dtype, layout: str = "decode"):
     import lmforge
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     ours = lmforge.load_model(directory, dtype=dtype, device="cpu")
     if layout == "decode":  # what `lmforge generate`, `serve`, `run` and pipeline() load
         ours.optimize_for_decoding()
-    theirs = GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     theirs.generation_config.eos_token_id = None  # both run exactly N tokens
     theirs.generation_config.pad_token_id = 0
     return ours, theirs
@@ -138,7 +141,9 @@ def matmul_only_rate(model, repeats: int = 30) -> float:
 def weight_bytes_per_token(model) -> int:
     """Bytes of parameters read to decode one token at batch 1."""
     element = model.transformer.wte.weight.element_size()
-    params = model.num_parameters() - model.transformer.wpe.weight.numel() + model.config.n_embd
+    params = model.num_parameters()
+    if "wpe" in model.transformer:  # one row of the learned position table, not all of it
+        params += model.config.n_embd - model.transformer.wpe.weight.numel()
     return params * element
 
 
@@ -201,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory figures (child processes)")
-    p.add_argument("--quick", action="store_true", help="smoke run: a 4-layer, 256-wide model, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="smoke run: a 4-layer model, 1 repeat")
+    p.add_argument("--model", choices=["gpt2", "smollm2-135m", "qwen2.5-0.5b"], default="gpt2",
+                   help="the shape (an lmforge preset; random weights): GPT-2 small, or a Llama-family model")
     p.add_argument("--layout", choices=["decode", "as-loaded"], default="decode",
                    help="lmforge weight layout: after GPT.optimize_for_decoding(), as the CLI, server and "
                         "pipelines load a model, or as load_model gives it (column-major blocks, row-major "
@@ -219,22 +226,24 @@ def main(argv: list[str] | None = None) -> int:
                      args.prompt_tokens, args.new_tokens, args.layout)
         return 0
 
-    shape = dict(n_layer=12, n_head=12, n_embd=768)  # GPT-2 small, 124M
+    import lmforge
+
+    config = lmforge.preset(args.model, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     if args.quick:
-        shape = dict(n_layer=4, n_head=4, n_embd=256)
+        config = config.replace(n_layer=4) if args.model != "gpt2" else config.replace(n_layer=4, n_head=4, n_embd=256)
         args.repeats = min(args.repeats, 1)
         args.new_tokens = min(args.new_tokens, 16)
     base = dict(device="cpu", threads=args.threads, torch=torch.__version__, transformers=transformers.__version__,
                 cpu=platform.processor() or platform.machine(), prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens, decoding="greedy", weights="random", repeats=args.repeats,
                 layout=args.layout,
-                model=f"gpt2 shape n_layer={shape['n_layer']} n_embd={shape['n_embd']}")
+                model=f"{args.model} shape n_layer={config.n_layer} n_embd={config.n_embd}")
     bandwidth = copy_bandwidth(args.threads)
     emit("copy_bandwidth", round(bandwidth, 2), "GB/s", **base)
 
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / "gpt2-random"
-        build_checkpoint(directory, shape)
+        directory = Path(tmp) / f"{args.model}-random"
+        build_checkpoint(directory, config)
         for dtype in args.dtypes:
             ours, theirs = load_both(directory, DTYPES[dtype], args.layout)
             models = {"lmforge": ours, "transformers": theirs}

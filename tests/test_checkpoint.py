@@ -225,9 +225,9 @@ def test_truncated_safetensors_names_the_file(tiny_hf_dir):
 
 def test_unsupported_model_type_is_named(tiny_hf_dir):
     cfg = json.loads((tiny_hf_dir / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "bert"
     (tiny_hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="model_type 'llama' is not supported yet"):
+    with pytest.raises(CheckpointError, match="model_type 'bert' is not supported yet"):
         load_model(tiny_hf_dir, device="cpu")
 
 

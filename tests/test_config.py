@@ -60,13 +60,13 @@ def test_gpt2_preset_parameter_counts(name):
 
 @pytest.mark.parametrize("name", list(lmforge.PRESETS))
 def test_presets_match_transformers_parameter_count(name):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = preset(name)
-    hf_cfg = GPT2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+    hf_cfg = AutoConfig.for_model(**cfg.to_hf_dict())  # GPT2Config, LlamaConfig, Qwen2Config, ... by model_type
     with torch.device("meta"):
         ours = GPT(cfg)
-        theirs = GPT2LMHeadModel(hf_cfg)
+        theirs = AutoModelForCausalLM.from_config(hf_cfg)
     assert ours.num_parameters() == theirs.num_parameters()
 
 
@@ -82,7 +82,7 @@ def test_hf_dict_round_trip_keeps_fields_and_extras():
 def test_hf_dict_reads_n_ctx_and_rejects_other_model_types():
     d = {"model_type": "gpt2", "n_ctx": 77, "n_embd": 32, "n_head": 4, "n_layer": 1, "vocab_size": 10}
     assert GPTConfig.from_hf_dict(d).n_positions == 77
-    with pytest.raises(ConfigError, match="model_type 'llama' is not supported yet"):
-        GPTConfig.from_hf_dict({"model_type": "llama"}, source="x/config.json")
+    with pytest.raises(ConfigError, match="model_type 'bert' is not supported yet"):
+        GPTConfig.from_hf_dict({"model_type": "bert"}, source="x/config.json")
     with pytest.raises(ConfigError, match="x/config.json"):
         GPTConfig.from_hf_dict({"model_type": "gpt2", "n_embd": 30, "n_head": 4}, source="x/config.json")

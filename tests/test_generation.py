@@ -2,6 +2,7 @@
 streaming, stop strings, bad input. Tiny models keep it fast."""
 
 import copy
+import json
 import itertools
 import warnings
 
@@ -189,12 +190,22 @@ def test_static_shape_step_equals_dynamic_step(models, padded):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+LLAMA = dict(norm="rmsnorm", positions="rope", mlp="gated", activation="silu", bias=False, n_inner=80)
 SINGLE_ROW_CONFIGS = [
     dict(),
     dict(bias=False, activation="gelu"),
     dict(activation="relu", scale_attn_by_inverse_layer_idx=True),
     dict(activation="silu", scale_attn_weights=False, tie_word_embeddings=False),
     dict(dtype=torch.bfloat16),
+    # the Llama block: RMSNorm, rotary positions, SwiGLU; grouped-query, multi-query, Qwen2 biases,
+    # Qwen3 q/k norms with a head_dim of its own, a sliding window shorter than the sequence
+    dict(LLAMA, n_kv_head=2),
+    dict(LLAMA, n_kv_head=1, qkv_bias=True, tie_word_embeddings=False),
+    dict(LLAMA, n_kv_head=2, qk_norm=True, head_size=16, rope_theta=1e6,
+         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8}),
+    dict(LLAMA, n_kv_head=2, sliding_window=7),
+    dict(LLAMA, n_kv_head=2, dtype=torch.bfloat16),
 ]
 
 
@@ -563,3 +574,22 @@ def test_compiled_decode_step_gives_the_same_tokens(models):
         ids, mask = padded_batch(model.config.vocab_size, seed=seed)
         eager = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
         assert torch.equal(model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], compile=True), eager)
+
+
+def test_generation_config_json_supplies_the_defaults_the_user_left_unset(tmp_path):
+    """As transformers applies a checkpoint's generation_config.json: its eos list and sampling
+    settings where the call sets nothing, the call's own options where it does."""
+    from lmforge.generation.request import resolve_config
+
+    torch.manual_seed(0)
+    lmforge.GPT(lmforge.GPTConfig(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                  eos_token_id=7)).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [7, 9], "do_sample": True, "temperature": 0.6, "top_p": 0.9, "transformers_version": "5"}))
+    model = lmforge.load_model(tmp_path, device="cpu")
+    config = resolve_config(model)
+    assert config.eos_token_id == [7, 9] and config.do_sample and config.temperature == 0.6 and config.top_p == 0.9
+    mine = resolve_config(model, do_sample=False, eos_token_id=[3])
+    assert not mine.do_sample and mine.eos_token_id == [3] and mine.temperature == 0.6
+    ids = model.generate([[1, 2, 3]], max_new_tokens=5, seed=0)
+    assert ids.shape[1] <= 8  # sampled with the file's settings (seeded), stops at 7 or 9 if drawn

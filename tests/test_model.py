@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge import GPT, GPTConfig, KVCache, attention_reference, lm_loss, preset
+from lmforge.errors import ConfigError
 
 
 def tiny(**kw) -> GPT:
@@ -220,3 +221,94 @@ def test_optimize_for_decoding_makes_bf16_row_major(tmp_path):
         assert all(p.is_contiguous() for p in model.parameters())
         torch.testing.assert_close(model(ids).logits, before, rtol=2e-2, atol=2e-2)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+# ---- the Llama block's pieces against transformers' -------------------------------------------------
+
+LLAMA_PRESET_COUNTS = {  # parameters as transformers counts them for the published models
+    "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "qwen2.5-0.5b": 494_032_768,
+    "qwen3-0.6b": 596_049_920, "llama-3.2-1b": 1_235_814_400, "tinyllama-1.1b": 1_100_048_384,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_transformers_rms_norm_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lmforge.model import RMSNorm
+
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(48, 1e-6).to(dtype), LlamaRMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ours.weight.normal_(1, 0.3)
+        theirs.weight.copy_(ours.weight)
+    x = (torch.randn(2, 5, 48) * 3).to(dtype)
+    assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rotary_positions_are_transformers_bit_for_bit(scaling):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from lmforge.model import apply_rope, rope_cos_sin, rope_inverse_frequencies
+
+    theta = 500000.0
+    config = preset("llama-baby", rope_theta=theta, rope_scaling=scaling, n_positions=512)
+    hf_scaling = dict(scaling or {"rope_type": "default"}, rope_theta=theta)
+    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=512,
+                                          rope_scaling=hf_scaling, rope_theta=theta))
+    positions = torch.tensor([[0, 1, 2, 63, 64, 200, 511], [5, 5, 6, 7, 300, 301, 302]])
+    q, k = torch.randn(2, 4, 7, 32), torch.randn(2, 2, 7, 32)
+    cos, sin = hf(q, positions)
+    ours = rope_cos_sin(rope_inverse_frequencies(config), positions, q.dtype)
+    assert torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(apply_rope(q, cos[:, None], sin[:, None]), hf_q)
+    assert torch.equal(apply_rope(k, cos[:, None], sin[:, None]), hf_k)
+
+
+def test_llama_presets_have_the_published_shapes_and_parameter_counts():
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    for name, count in LLAMA_PRESET_COUNTS.items():
+        c = preset(name)
+        with torch.device("meta"):
+            assert GPT(c).num_parameters() == count, name
+        hf_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[c.family]
+        hf_config = hf_class(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner,
+                             num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                             head_dim=c.head_dim, tie_word_embeddings=c.tie_word_embeddings)
+        with torch.device("meta"):
+            assert AutoModelForCausalLM.from_config(hf_config).num_parameters() == count, name
+    baby = GPT(preset("llama-baby", vocab_size=65))
+    assert "wpe" not in dict(baby.transformer.named_children())  # rotary positions: no learned table
+    assert baby.transformer.h[0].attn.c_attn.weight.shape == (3 * 128, 128)
+
+
+def test_grouped_query_attention_caches_only_the_key_value_heads():
+    model = GPT(preset("llama-baby", vocab_size=65, n_kv_head=1)).eval()
+    cache = KVCache.for_model(model, batch_size=2, max_length=16)
+    assert cache.k.shape == (4, 2, 1, 16, 32)  # (n_layer, B, n_kv_head, max_length, head_dim): 1/4 of full heads
+    x = torch.randint(0, 65, (2, 10))
+    with torch.no_grad():
+        full = model(x).logits
+        model(x[:, :6], kv_cache=cache)
+        step = model(x[:, 6:], kv_cache=cache).logits
+    torch.testing.assert_close(step, full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_llama_config_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="multiple of n_kv_head"):
+        preset("llama-baby", n_kv_head=3)
+    with pytest.raises(ConfigError, match="'yarn' is not supported; lmforge supports default, linear, llama3"):
+        preset("llama-baby", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ConfigError, match="needs factor, low_freq_factor"):
+        preset("llama-baby", rope_scaling={"rope_type": "llama3", "factor": 4.0})
+    with pytest.raises(ConfigError, match="norm 'batchnorm' is not supported"):
+        preset("llama-baby", norm="batchnorm")

@@ -13,9 +13,10 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.families import family_for
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
@@ -34,12 +36,18 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # Preference order, as in transformers: a single file before an index, safetensors before pickle.
 WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
 
+# generation_config.json keys that lmforge's GenerationConfig has, under the same names.
+GENERATION_KEYS = (
+    "max_length", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences", "length_penalty",
+    "early_stopping", "bos_token_id", "eos_token_id", "pad_token_id",
+)
 # Wrapper prefixes from torch.compile and DDP/FSDP, accepted on load and never written.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # Config fields named in a shape error: what decides the shapes of the weights.
 _SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "vocab_size", "n_positions", "tie_word_embeddings")
 _HUB_PATTERNS = [
-    CONFIG_NAME, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+    CONFIG_NAME, GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "vocab.json",
     "merges.txt", "special_tokens_map.json", "lmforge_tokenizer.json",
 ]
 
@@ -121,18 +129,37 @@ def load_config(directory: str | os.PathLike) -> GPTConfig:
         raise CheckpointError(str(e)) from None
 
 
-def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+def _open_weight_file(path: Path) -> tuple[list[str], Iterator[tuple[str, torch.Tensor]]]:
+    """The tensor names of one weight file, and its tensors one at a time (read on demand).
+
+    A safetensors file is read tensor by tensor; a pickled .bin is loaded whole and handed out
+    entry by entry (each released once the caller lets it go).
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: missing weight file; download or save the checkpoint again")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
+
+        def unreadable(e: Exception) -> CheckpointError:
+            return CheckpointError(
+                f"{path}: cannot read safetensors ({e}); the file is truncated or corrupt, download or save it again")
 
         try:
-            return load_file(str(path), device="cpu")
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(handle.keys())
         except Exception as e:
-            raise CheckpointError(
-                f"{path}: cannot read safetensors ({e}); the file is truncated or corrupt, download or save it again"
-            ) from None
+            raise unreadable(e) from None
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            with handle as f:
+                for key in keys:
+                    try:
+                        tensor = f.get_tensor(key)
+                    except Exception as e:
+                        raise unreadable(e) from None
+                    yield key, tensor
+
+        return keys, tensors()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -142,42 +169,89 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return state
+    return list(state), ((key, state.pop(key)) for key in list(state))
 
 
-def read_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of a checkpoint directory (any of the four layouts) and the file they came from."""
+def find_weights(directory: str | os.PathLike) -> tuple[Path, list[Path], list[str] | None]:
+    """Where a checkpoint directory's weights are (any of the four layouts): the file that names
+    them (the weight file or the shard index), the files that hold them, and for an index every
+    tensor name it lists (None for a single file)."""
     directory = Path(directory)
     for name in WEIGHT_FILES:
         path = directory / name
         if not path.is_file():
             continue
         if not name.endswith(".index.json"):
-            return _read_weight_file(path), path
+            return path, [path], None
         try:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map' object): {e}") from None
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(_read_weight_file(directory / shard))
-        missing = [k for k in weight_map if k not in state]
-        if missing:
-            raise CheckpointError(f"{path}: tensors listed in the index are missing from their shards: {missing[:5]}")
-        return state, path
+        return path, [directory / shard for shard in shards], list(weight_map)
     present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     raise CheckpointError(
         f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (found: {', '.join(present) or 'nothing'})"
     )
 
 
+def _check_listed(source: Path, listed: list[str] | None, read: Iterable[str]) -> None:
+    missing = [k for k in listed or () if k not in read]
+    if missing:
+        raise CheckpointError(f"{source}: tensors listed in the index are missing from their shards: {missing[:5]}")
+
+
+def stream_state(directory: str | os.PathLike, config: GPTConfig) -> tuple[Path, Iterator[dict[str, torch.Tensor]]]:
+    """The file naming a checkpoint's weights, and its tensors in lmforge's names and layouts a few at
+    a time, so that a loader holds little more than the model: files are read tensor by tensor, and
+    each lmforge tensor comes out as soon as every stored tensor it is made of has been read (the
+    family fuses some, e.g. a Llama layer's q, k and v, which may lie in different shards)."""
+    source, files, listed = find_weights(directory)
+    return source, _stream(source, files, listed, config)
+
+
+def _stream(source: Path, files: list[Path], listed: list[str] | None,
+            config: GPTConfig) -> Iterator[dict[str, torch.Tensor]]:
+    family = family_for(config.family)
+
+    def parts_per_name(keys: Iterable[str]) -> Counter[str]:
+        return Counter(n for n in (family.name_from_hf(_strip_prefixes(k), config) for k in keys) if n is not None)
+
+    def mapped(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return family.state_from_hf(group, config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+    needed = parts_per_name(listed) if listed is not None else None
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # lmforge name -> the stored tensors read so far
+    read: set[str] = set()
+    for path in files:
+        keys, tensors = _open_weight_file(path)
+        if needed is None:
+            needed = parts_per_name(keys)
+        for key, tensor in tensors:
+            read.add(key)
+            key = _strip_prefixes(key)
+            name = family.name_from_hf(key, config)
+            if name is None:
+                continue
+            group = pending.setdefault(name, {})
+            group[key] = tensor
+            if len(group) >= needed.get(name, 1):
+                yield mapped(pending.pop(name))
+    _check_listed(source, listed, read)
+    if pending:  # parts whose partners never came: the family names what is missing
+        yield mapped({k: t for group in pending.values() for k, t in group.items()})
+
+
 def read_state(directory: str | os.PathLike, config: GPTConfig) -> tuple[dict[str, torch.Tensor], Path]:
     """The tensors of a checkpoint directory in lmforge's names and layouts, and the file they came from."""
-    state, source = read_state_dict(directory)
-    try:
-        return hf_to_lmforge(state, config), source
-    except CheckpointError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+    source, chunks = stream_state(directory, config)
+    state: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        state.update(chunk)
+    return state, source
 
 
 def _strip_prefixes(key: str) -> str:
@@ -243,8 +317,7 @@ def copy_state(
     `hint` (what to check) is appended.
     """
     own = model.state_dict(keep_vars=True)
-    canonical: dict[int, str] = {}
-    ties = {key: canonical.setdefault(id(t), key) for key, t in own.items()}  # alias -> first name of its tensor
+    ties = _ties(own)
     wanted = [k for k in (own if keys is None else keys) if ties.get(k, k) == k]
     config = getattr(model, "config", None)
     summary = ", ".join(f"{f}={getattr(config, f)}" for f in _SHAPE_FIELDS if hasattr(config, f))
@@ -281,6 +354,58 @@ def copy_state(
             setattr(model.get_submodule(alias_module), alias_name, getattr(model.get_submodule(module), name))
 
 
+def _ties(own: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each state-dict name -> the first name of its tensor (itself, or the weight a tied alias shares)."""
+    canonical: dict[int, str] = {}
+    return {key: canonical.setdefault(id(t), key) for key, t in own.items()}
+
+
+def assign_streamed(
+    model: nn.Module,
+    chunks: Iterable[dict[str, torch.Tensor]],
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    hint: str = "",
+) -> None:
+    """Fill a model built on the meta device from a state that comes in `chunks` (lmforge's names),
+    placing each chunk (moved to `device`, cast to `dtype`; None: the first floating-point tensor's
+    dtype) as it comes, so a loader holds one chunk beside the model. As copy_state(...,
+    unexpected="warn", assign=True), with the same errors, but checked chunk by chunk: after an
+    error the model is partly filled (build a new one)."""
+    wanted = {k for k, first in _ties(model.state_dict(keep_vars=True)).items() if k == first}
+    placed: set[str] = set()
+    unused: list[str] = []
+    for chunk in chunks:
+        fits = {k: t for k, t in chunk.items() if k in wanted}
+        unused += [k for k in chunk if k not in wanted]
+        if dtype is None:
+            dtype = stored_dtype(fits)
+        copy_state(model, fits, source, keys=fits, assign=True, dtype=dtype, device=device, hint=hint)
+        placed.update(fits)
+    # An empty state for the tensors never placed: copy_state's "missing tensors" error, when there are any.
+    copy_state(model, {}, source, keys=sorted(wanted - placed), hint=hint)
+    if unused:
+        warnings.warn(f"{source}: ignoring tensors the model does not use: {_few(sorted(unused))}", stacklevel=3)
+
+
+def load_generation_defaults(directory: str | os.PathLike) -> dict[str, Any]:
+    """The generation settings a checkpoint's generation_config.json sets, under GenerationConfig's
+    names (eos_token_id may be a list, e.g. Llama 3's <|end_of_text|> and <|eot_id|>); {} without
+    the file. transformers applies them to every generate() call that leaves them unset."""
+    path = Path(directory) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return {k: d[k] for k in GENERATION_KEYS if d.get(k) is not None}
+
+
 def load_pretrained(
     model_class: Callable[[GPTConfig], nn.Module],
     path_or_name: str | os.PathLike,
@@ -291,18 +416,22 @@ def load_pretrained(
     """`model_class(config)` with the weights of a checkpoint: a local directory or a Hub name ("gpt2").
 
     dtype: None keeps the checkpoint's dtype; "bf16", "fp16", "fp32" (or torch dtypes) convert.
-    The model is built on the meta device (no random init of weights about to be replaced), gets
-    `checkpoint_dir` (where tokenizer files may live) and is returned in eval mode. Tensors the
+    The model is built on the meta device (no random init of weights about to be replaced) and
+    filled tensor by tensor as the files are read (peak memory: the model plus a few tensors). It
+    gets `checkpoint_dir` (where tokenizer files may live) and `generation_defaults` (from
+    generation_config.json, see load_generation_defaults) and is returned in eval mode. Tensors the
     model does not use are ignored with a warning. Raises CheckpointError naming the file or tensor.
     """
     directory = resolve_checkpoint_dir(path_or_name, revision)
     config = load_config(directory)
-    state, source = read_state(directory, config)
+    generation_defaults = load_generation_defaults(directory)
+    source, chunks = stream_state(directory, config)
     with torch.device("meta"):
         model = model_class(config)
-    copy_state(model, state, source, unexpected="warn", assign=True, dtype=resolve_dtype(dtype) or stored_dtype(state),
-               device=resolve_device(device), hint="config.json and the weights are from different models")
+    assign_streamed(model, chunks, source, dtype=resolve_dtype(dtype), device=resolve_device(device),
+                    hint="config.json and the weights are from different models")
     model.checkpoint_dir = directory
+    model.generation_defaults = generation_defaults
     return model.eval()
 
 
@@ -355,8 +484,9 @@ def save_pretrained(
     """Write config.json + model.safetensors (sharded above max_shard_size) loadable by transformers.
 
     config_updates: config.json keys to set beyond the model config's (a task head's architecture
-    and labels). Each file is written atomically, weights before config; weight files of an earlier
-    save in another layout are removed only after the new ones are in place.
+    and labels). A model's `generation_defaults` go to generation_config.json. Each file is
+    written atomically, weights before config; weight files of an earlier save in another layout
+    are removed only after the new ones are in place.
     """
     from safetensors.torch import save_file
 
@@ -385,6 +515,9 @@ def save_pretrained(
     hf_config = {**config.to_hf_dict(), **(config_updates or {})}
     hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     write_json_atomic(directory / CONFIG_NAME, hf_config)
+    generation_defaults = getattr(model, "generation_defaults", None)
+    if generation_defaults:  # what generation_config.json said when the model was loaded
+        write_json_atomic(directory / GENERATION_CONFIG_NAME, generation_defaults)
     for stale in [*directory.glob("model*.safetensors"), directory / SAFE_INDEX, directory / BIN_WEIGHTS, directory / BIN_INDEX, *directory.glob("pytorch_model-*.bin")]:
         if stale.name not in written and stale.exists():
             stale.unlink()
@@ -410,16 +543,7 @@ def checkpoint_info(path_or_name: str | os.PathLike, revision: str | None = None
     """Architecture, parameter count, dtype and size on disk, reading only tensor headers where possible."""
     directory = resolve_checkpoint_dir(path_or_name, revision)
     config = load_config(directory)
-    weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
-    if weights is None:
-        read_state_dict(directory)  # raises the "no weights found" error
-    files = [weights]
-    if weights.name.endswith(".index.json"):
-        try:
-            shard_names = sorted(set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{weights}: not a valid shard index: {e}") from None
-        files = [directory / s for s in shard_names]
+    weights, files, _ = find_weights(directory)
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for f in files:
         shapes.update(_tensor_headers(f))
@@ -452,5 +576,4 @@ def _tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                         for k in f.keys()}
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from None
-    state = _read_weight_file(path)
-    return {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in state.items()}
+    return {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in _open_weight_file(path)[1]}

@@ -16,6 +16,10 @@ from lmforge.families import FAMILIES, family_for
 # Activations the MLP supports, by their Hugging Face names. GPT-2 uses the tanh GELU ("gelu_new");
 # the erf GELU ("gelu") is close to it but not equal.
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("standard", "gated")
+ROPE_SCALINGS = ("default", "linear", "llama3")
 # config.json keys about how transformers ran or saved the model, not about the model.
 HF_RUNTIME_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
 
@@ -49,6 +53,24 @@ class GPTConfig:
     pad_token_id: int | None = None
     # The Hugging Face model_type of the checkpoint: which lmforge.families module maps names.
     family: str = "gpt2"
+    # The Llama family's choices (defaults are GPT-2's). norm: "layernorm" or "rmsnorm";
+    # positions: "learned" (wpe) or "rope"; mlp: "standard" (c_proj(act(c_fc x))) or "gated"
+    # (down(act(gate x) * up x), SwiGLU with silu); n_kv_head < n_head: grouped-query attention;
+    # head_size: when it is not n_embd // n_head (Qwen3); qkv/proj/mlp_bias: None follows `bias`;
+    # qk_norm: RMSNorm of each q and k head before RoPE (Qwen3); rope_scaling: HF's dict
+    # ({"rope_type": "linear" | "llama3", ...}); sliding_window: attend to the last N positions only.
+    norm: str = "layernorm"
+    positions: str = "learned"
+    mlp: str = "standard"
+    n_kv_head: int | None = None
+    head_size: int | None = None
+    qkv_bias: bool | None = None
+    proj_bias: bool | None = None
+    mlp_bias: bool | None = None
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
     # Keys of a Hugging Face config.json that lmforge does not use but keeps, so a load -> save round
     # trip does not lose them (a task head's id2label, ...), and tools' own keys ("lmforge_sft").
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -60,7 +82,25 @@ class GPTConfig:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
             raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None, got {self.n_inner!r}")
-        if self.n_embd % self.n_head != 0:
+        for name in ("n_kv_head", "head_size", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer or None, got {value!r}")
+        for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"GPTConfig.{name} {getattr(self, name)!r} is not supported; use one of {', '.join(choices)}")
+        if self.n_head % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}): each key/value "
+                f"head serves n_head / n_kv_head query heads; choose n_kv_head from {_divisors(self.n_head)}"
+            )
+        if self.positions == "rope":
+            if self.head_dim % 2:
+                raise ConfigError(f"GPTConfig: rotary positions need an even head_dim, got {self.head_dim}")
+            if not self.rope_theta > 0:
+                raise ConfigError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+            rope_frequencies_check(self.rope_scaling)
+        if self.head_size is None and self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"choose n_head from {_divisors(self.n_embd)}"
@@ -82,7 +122,17 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head (multi-head attention) when unset."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    def has_bias(self, part: str) -> bool:
+        """Whether the projections of `part` ("qkv", "proj", "mlp") have biases."""
+        own = {"qkv": self.qkv_bias, "proj": self.proj_bias, "mlp": self.mlp_bias}[part]
+        return self.bias if own is None else own
 
     @property
     def inner_dim(self) -> int:
@@ -164,9 +214,29 @@ def _check_known_keys(d: dict[str, Any], where: str) -> None:
     check_known_fields(GPTConfig, d, f"{where}: unknown key")
 
 
+def rope_frequencies_check(scaling: dict[str, Any] | None) -> None:
+    """Refuse a rope_scaling lmforge does not implement, naming it and the supported ones."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"GPTConfig.rope_scaling must be a dict like Hugging Face's, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"rope scaling type {kind!r} is not supported; lmforge supports {', '.join(ROPE_SCALINGS)}")
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")}.get(kind, ())
+    missing = [k for k in needed if k not in scaling]
+    if missing:
+        raise ConfigError(f"rope_scaling of type {kind!r} needs {', '.join(needed)}; missing {', '.join(missing)}")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
 
+
+# The Llama block: RMSNorm, rotary positions, SwiGLU, no biases, no dropout.
+_LLAMA: dict[str, Any] = dict(norm="rmsnorm", positions="rope", mlp="gated", activation="silu", bias=False,
+                              layer_norm_epsilon=1e-5, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
 # Presets are data: name -> GPTConfig keyword arguments. The first four are OpenAI's GPT-2 sizes;
 # the rest are small shapes for CPU work and tests.
@@ -181,6 +251,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
     # The smallest useful shape: unit tests and smoke runs.
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128),
+    # Llama-family models people run today: the published shapes (parameter counts as transformers
+    # counts them), random weights; lmforge.load_model reads the real checkpoints.
+    "smollm2-135m": dict(_LLAMA, family="llama", vocab_size=49152, n_positions=8192, n_embd=576, n_layer=30,
+                         n_head=9, n_kv_head=3, n_inner=1536, rope_theta=100000.0, initializer_range=0.041666666666666664,
+                         bos_token_id=0, eos_token_id=0),
+    "smollm2-360m": dict(_LLAMA, family="llama", vocab_size=49152, n_positions=8192, n_embd=960, n_layer=32,
+                         n_head=15, n_kv_head=5, n_inner=2560, rope_theta=100000.0, initializer_range=0.02,
+                         bos_token_id=0, eos_token_id=0),
+    "qwen2.5-0.5b": dict(_LLAMA, family="qwen2", vocab_size=151936, n_positions=32768, n_embd=896, n_layer=24,
+                         n_head=14, n_kv_head=2, n_inner=4864, rope_theta=1000000.0, layer_norm_epsilon=1e-6,
+                         qkv_bias=True, bos_token_id=151643, eos_token_id=151643),
+    "qwen3-0.6b": dict(_LLAMA, family="qwen3", vocab_size=151936, n_positions=40960, n_embd=1024, n_layer=28,
+                       n_head=16, n_kv_head=8, head_size=128, n_inner=3072, rope_theta=1000000.0,
+                       layer_norm_epsilon=1e-6, qk_norm=True, bos_token_id=151643, eos_token_id=151645),
+    "llama-3.2-1b": dict(_LLAMA, family="llama", vocab_size=128256, n_positions=131072, n_embd=2048, n_layer=16,
+                         n_head=32, n_kv_head=8, n_inner=8192, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         bos_token_id=128000, eos_token_id=128001),
+    "tinyllama-1.1b": dict(_LLAMA, family="llama", vocab_size=32000, n_positions=2048, n_embd=2048, n_layer=22,
+                           n_head=32, n_kv_head=4, n_inner=5632, tie_word_embeddings=False, bos_token_id=1,
+                           eos_token_id=2),
+    # nanoGPT's baby GPT size with the Llama block, for pretraining from scratch on a CPU.
+    "llama-baby": dict(_LLAMA, family="llama", n_layer=4, n_head=4, n_embd=128, n_inner=352, n_positions=256),
 }
 
 

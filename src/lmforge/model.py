@@ -79,7 +79,7 @@ class KVCache:
         if not 0 < max_length <= cfg.n_positions:
             raise ValueError(f"KV cache max_length must be in 1..{cfg.n_positions} (n_positions), got {max_length}")
         p = model.transformer.wte.weight
-        return cls(cfg.n_layer, batch_size, cfg.n_head, max_length, cfg.head_dim, dtype=p.dtype, device=p.device)
+        return cls(cfg.n_layer, batch_size, cfg.n_kv_heads, max_length, cfg.head_dim, dtype=p.dtype, device=p.device)
 
     @property
     def batch_size(self) -> int:
@@ -155,16 +155,99 @@ class KVCache:
         self.v[:, dst, :, end - p:end] = source.v[:, src, :, :p]
 
 
+# ---- norms and rotary positions --------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019), over the last dimension.
+
+    As transformers computes it: in fp32, cast back to the input dtype before the weight multiply.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def _norm_row(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm as a function of one (C,) vector, its tensors looked up once (see GPT.row_step)."""
+    if isinstance(norm, nn.LayerNorm):
+        weight, bias, shape, eps = norm.weight, norm.bias, norm.normalized_shape, norm.eps
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    return norm.forward
+
+
+def rope_inverse_frequencies(config: GPTConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """theta_i = rope_theta^(-2i / D) for i < D/2, in fp32, with the config's rope_scaling applied
+    exactly as transformers' modeling_rope_utils does ("linear": all divided by the factor;
+    "llama3": low frequencies divided by the factor, high ones kept, a smooth blend between)."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta_i for (B, T) positions, each (B, T, D) (the D/2 angles twice,
+    for the half-split rotation), computed in fp32 and cast to the model's dtype as transformers does."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+D/2}) by its position's angle: x cos + rotate_half(x) sin, with
+    rotate_half(x) = [-x_2, x_1] (the half-split convention of Hugging Face's Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---- attention, MLP, block -------------------------------------------------------------------
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with GPT-2's fused Q, K, V projection (c_attn) and W^O (c_proj)."""
+    """Multi-head causal self-attention: one fused projection [W^Q | W^K | W^V] (c_attn) and W^O
+    (c_proj). With n_kv_head < n_head, each key/value head serves n_head / n_kv_head query heads
+    (grouped-query attention; 1 key/value head: multi-query). Optional per-head RMSNorm of q and k
+    (Qwen3) and rotary positions, applied to q and k before attention."""
 
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.head_dim = config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
         self.layer_idx = layer_idx
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # [W^Q | W^K | W^V]
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W^O
+        width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, width, bias=config.has_bias("qkv"))  # [W^Q | W^K | W^V]
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.has_bias("proj"))  # W^O
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
+            self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
+        self.qk_norm = config.qk_norm
+        self.window = config.sliding_window
         self.attn_pdrop = config.attn_pdrop
         self.resid_pdrop = config.resid_pdrop
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
@@ -174,51 +257,73 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
-        # [Q | K | V] -> three (B, H, T, D) views in as few operations as possible: a decoded token
-        # pays for each one about as much as for a kernel.
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        B, T, _ = x.shape
+        H, KV = self.n_head, self.n_kv_head
+        # [Q | K | V] -> (B, H, T, D) and twice (B, KV, T, D) views in as few operations as possible:
+        # a decoded token pays for each one about as much as for a kernel.
+        q, k, v = self.c_attn(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2).split((H, KV, KV), dim=1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
         if self.impl == "sdpa":
             dropout = self.attn_pdrop if self.training else 0.0
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
-            )
+            y = _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale)
         else:
+            if KV != H:
+                k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
             y = attention_reference(q, k, v, mask, is_causal, self.scale)
             if self.training and self.attn_pdrop > 0:
                 raise NotImplementedError("attention dropout is only implemented in the sdpa path")
-        y = y.transpose(1, 2).reshape(B, T, C)  # Concat(head_1..head_h)
+        y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # Concat(head_1..head_h)
         return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
     def row_step(self, kv_cache: KVCache) -> RowStep:
-        """x, h -> x + MultiHead(h) for one token of one sequence (cache row 0) on (C,) vectors: the
+        """x, h, rope -> x + MultiHead(h) for one token of one sequence (cache row 0) on vectors: the
         equations of forward with the fewest operations (see GPT.row_step), one query attending to
-        the filled cache, y_h = softmax(q_h K_h^T * scale) V_h."""
-        H, D, scale = self.n_head, self.head_dim, self.scale
+        the filled cache (its last `sliding_window` positions), y_h = softmax(q_h K_h^T * scale) V_h."""
+        H, KV, D, scale, window = self.n_head, self.n_kv_head, self.head_dim, self.scale, self.window
         qkv_weight, qkv_bias = self.c_attn.weight, _bias(self.c_attn)
         out_weight, out_bias = self.c_proj.weight, _bias(self.c_proj)
-        keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (H, max_length, D)
+        q_norm = self.q_norm.forward if self.qk_norm else None
+        k_norm = self.k_norm.forward if self.qk_norm else None
+        keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (KV, max_length, D)
+        gqa = {"enable_gqa": True} if KV != H else {}
 
-        def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        def step(x: torch.Tensor, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
             n = kv_cache.length
-            q, k, v = torch.addmv(qkv_bias, qkv_weight, h).view(3, H, D)  # each (H, D)
+            q, k, v = torch.addmv(qkv_bias, qkv_weight, h).view(H + 2 * KV, D).split((H, KV, KV))
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             keys[:, n] = k
             values[:, n] = v
+            start = 0 if window is None else max(0, n + 1 - window)
             # The fused kernel for the one query (a hand-written bmm/softmax/bmm is no faster here,
             # and in bf16 oneDNN would build and keep a kernel for every new cache length).
             y = F.scaled_dot_product_attention(
-                q.view(1, H, 1, D), keys[None, :, : n + 1], values[None, :, : n + 1], scale=scale
+                q.view(1, H, 1, D), keys[None, :, start: n + 1], values[None, :, start: n + 1], scale=scale, **gqa
             ).view(H * D)  # Concat(head_1..head_h)
             return torch.addmv(x.add_(out_bias), out_weight, y)  # x is the step's own buffer
 
         return step
 
 
-# A one-row step: (x, h) -> x + sublayer(h) on (C,) vectors, built once per request.
-RowStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+    """The fused kernel, with fewer key/value heads than query heads where there are."""
+    if k.size(1) != q.size(1):
+        options["enable_gqa"] = True
+    return F.scaled_dot_product_attention(q, k, v, **options)
+
+
+# A one-row step: (x, h, rope) -> x + sublayer(h) on vectors, built once per request.
+RowStep = Callable[..., torch.Tensor]
 
 
 def _bias(layer: nn.Linear) -> torch.Tensor:
@@ -242,23 +347,40 @@ def _activation(name: str) -> nn.Module:
 
 
 class MLP(nn.Module):
+    """The position-wise feed-forward layer: c_proj(act(c_fc x)), or gated (SwiGLU with silu,
+    Shazeer 2020): down(act(gate x) * up x), gate and up fused in c_fc as [W_gate | W_up]."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.inner_dim, bias=config.bias)
+        self.gated = config.mlp == "gated"
+        inner, bias = config.inner_dim, config.has_bias("mlp")
+        self.c_fc = nn.Linear(config.n_embd, 2 * inner if self.gated else inner, bias=bias)
         self.act = _activation(config.activation)
-        self.c_proj = nn.Linear(config.inner_dim, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(inner, config.n_embd, bias=bias)
         self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dropout(self.c_proj(self.act(self.c_fc(x))), self.resid_pdrop, self.training)
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return _dropout(self.c_proj(h), self.resid_pdrop, self.training)
 
     def row_step(self) -> RowStep:
         """x, h -> x + MLP(h) on (C,) vectors (see GPT.row_step)."""
-        fc_weight, fc_bias, act = self.c_fc.weight, _bias(self.c_fc), self.act.forward
+        fc_weight, fc_bias, act, gated = self.c_fc.weight, _bias(self.c_fc), self.act.forward, self.gated
         proj_weight, proj_bias = self.c_proj.weight, _bias(self.c_proj)
 
         def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-            return torch.addmv(x.add_(proj_bias), proj_weight, act(torch.addmv(fc_bias, fc_weight, h)))
+            h = torch.addmv(fc_bias, fc_weight, h)
+            if gated:
+                gate, up = h.chunk(2)
+                h = act(gate).mul_(up)
+            else:
+                h = act(h)
+            return torch.addmv(x.add_(proj_bias), proj_weight, h)
 
         return step
 
@@ -266,22 +388,25 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = _norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = _norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, kv_cache: KVCache | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, rope)
         return x + self.mlp(self.ln_2(x))
 
-    def row_step(self, kv_cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
-        """x -> the block's output for one token of one sequence, on (C,) vectors (see GPT.row_step)."""
+    def row_step(self, kv_cache: KVCache) -> Callable[..., torch.Tensor]:
+        """x, rope -> the block's output for one token of one sequence, on vectors (see GPT.row_step)."""
         attn, mlp = self.attn.row_step(kv_cache), self.mlp.row_step()
-        ln_1, ln_2 = _layer_norm_row(self.ln_1), _layer_norm_row(self.ln_2)
+        ln_1, ln_2 = _norm_row(self.ln_1), _norm_row(self.ln_2)
 
-        def step(x: torch.Tensor) -> torch.Tensor:
-            x = attn(x, ln_1(x))
+        def step(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+            x = attn(x, ln_1(x), rope)
             return mlp(x, ln_2(x))
 
         return step
@@ -291,11 +416,6 @@ class Block(nn.Module):
         wrapped layer, e.g. a LoRA adapter, runs its own forward through the batched path)."""
         layers = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
         return all(type(layer) is nn.Linear for layer in layers)
-
-
-def _layer_norm_row(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    weight, bias, shape, eps = norm.weight, norm.bias, norm.normalized_shape, norm.eps
-    return lambda x: F.layer_norm(x, shape, weight, bias, eps)
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -324,14 +444,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, attn_impl: AttentionImpl = "sdpa") -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.n_positions, config.n_embd),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-            )
-        )
+        body = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            body["wpe"] = nn.Embedding(config.n_positions, config.n_embd)
+        body.update(h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)), ln_f=_norm(config, config.n_embd))
+        self.transformer = nn.ModuleDict(body)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # rotary frequencies per device, made on first use
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -390,7 +508,7 @@ class GPT(nn.Module):
         """Distinct parameters (a tied LM head counts once, as in transformers)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+            n -= sum(e.weight.numel() for name, e in self.transformer.items() if name in ("wte", "wpe"))
         return n
 
     @property
@@ -438,14 +556,26 @@ class GPT(nn.Module):
         boolean mask broadcastable to (B, H, T, S) (or None, with is_causal), any object with
         KVCache.update. No checks and no Python numbers that change between decode steps, so
         torch.compile captures it once (generation's static-shape step calls it directly)."""
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
+        x = self.transformer.wte(input_ids)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(position_ids)
+        else:
+            rope = rope_cos_sin(self.rope_frequencies(x.device), position_ids, x.dtype)
         x = _dropout(x, self.config.embd_pdrop, self.training)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, mask, is_causal, kv_cache, use_reentrant=False)
+                x = checkpoint(block, x, mask, is_causal, kv_cache, rope, use_reentrant=False)
             else:
-                x = block(x, mask, is_causal, kv_cache)
+                x = block(x, mask, is_causal, kv_cache, rope)
         return self.transformer.ln_f(x)
+
+    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        """The rotary inverse frequencies (D/2,) in fp32 on `device`, computed once per device (not a
+        buffer: a model built on the meta device and then loaded needs no special care)."""
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inverse_frequencies(self.config, device)
+        return self._inv_freq[device]
 
     def row_step(self, kv_cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
         """The decode step of one unpadded sequence over row 0 of `kv_cache`, built once per request:
@@ -461,8 +591,10 @@ class GPT(nn.Module):
         """
         t, n_positions = self.transformer, self.config.n_positions
         blocks = [block.row_step(kv_cache) for block in t.h]
-        wte, wpe, head = t.wte.weight, t.wpe.weight, self.lm_head.weight
-        ln_f = _layer_norm_row(t.ln_f)
+        wte, head = t.wte.weight, self.lm_head.weight
+        wpe = t.wpe.weight if self.config.positions == "learned" else None
+        inv_freq = None if wpe is not None else self.rope_frequencies(wte.device)
+        ln_f = _norm_row(t.ln_f)
 
         def step(token: torch.Tensor) -> torch.Tensor:
             n = kv_cache.length
@@ -470,9 +602,14 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache is full: {n + 1} positions needed, {kv_cache.max_length} allocated")
             if n >= n_positions:
                 raise ValueError(f"sequence length {n + 1} exceeds the model's context n_positions={n_positions}")
-            x = (wte[token] + wpe[n]).view(-1)
+            x, rope = wte[token].view(-1), None
+            if wpe is not None:
+                x = x + wpe[n]
+            else:
+                position = torch.full((1, 1), n, device=x.device)
+                rope = tuple(t.view(-1) for t in rope_cos_sin(inv_freq, position, x.dtype))
             for block in blocks:
-                x = block(x)
+                x = block(x, rope)
             kv_cache.advance(1)
             return torch.mv(head, ln_f(x))  # the LM head has no bias
 
@@ -503,30 +640,34 @@ class GPT(nn.Module):
         loss = lm_loss(logits, targets) if targets is not None else None
         return CausalLMOutput(logits=logits, loss=loss, kv_cache=kv_cache)
 
-    @staticmethod
     def _attention_mask(
-        attention_mask: torch.Tensor | None, B: int, T: int, past: int, device: torch.device,
+        self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, device: torch.device,
     ) -> tuple[torch.Tensor | None, bool]:
-        """A boolean (B, 1, T, S) mask (True = may attend), or None with is_causal for the fast path."""
+        """A boolean (B, 1, T, S) mask (True = may attend), or None with is_causal for the fast path.
+        With a sliding window, a query sees only the last `sliding_window` positions (itself included)."""
         S = past + T
-        if attention_mask is None:
+        window = self.config.sliding_window
+        windowed = window is not None and S > window
+        if attention_mask is None and not windowed:
             if past == 0:
                 return None, T > 1
             if T == 1:
                 return None, False  # one new token sees the whole cache
-        elif attention_mask.shape != (B, S):
+        elif attention_mask is not None and attention_mask.shape != (B, S):
             raise ValueError(
                 f"attention_mask must be (batch, cache_length + seq_len) = {(B, S)}, got {tuple(attention_mask.shape)}"
             )
-        q_pos = torch.arange(past, S, device=device)
-        causal = torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S)
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        causal = k_pos <= q_pos  # (T, S)
+        if windowed:
+            causal = causal & (k_pos > q_pos - window)
         if attention_mask is None:
             return causal[None, None], False
         mask = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         # A padding query would attend to nothing (softmax of all -inf = NaN); let it see itself.
         # Real tokens always see themselves already, so their outputs are unchanged.
-        own = torch.arange(S, device=device)[None, :] == q_pos[:, None]
-        return mask | own[None, None], False
+        return mask | (k_pos == q_pos)[None, None], False
 
     @classmethod
     def from_pretrained(

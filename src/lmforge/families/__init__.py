@@ -11,21 +11,29 @@ from one Hugging Face scheme, as data and small functions:
     state_to_hf(state, config) -> dict     lmforge's state dict -> the family's names and layouts
     LORA_TARGETS, LORA_DEFAULT_TARGETS     LoRA target names users know -> lmforge module names
 
-Adding a family is adding a module here and a line in FAMILIES (and its parity tests).
+FAMILIES maps each model_type to an object with that interface: the module itself (gpt2), or, where
+one module serves several model_types (llama: llama, mistral, qwen2, qwen3), its object for the type.
+Adding a family is adding a module here and a line in FAMILIES per model_type (and its parity tests).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.families import gpt2
+from lmforge.families import gpt2, llama
 
-# config.json's model_type -> the module that maps it (model types with one scheme share a module).
-FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2}
+# config.json's model_type -> what maps it: a module, or a module's object for one of its model_types.
+FAMILIES: dict[str, Any] = {
+    "gpt2": gpt2,
+    "llama": llama.MODEL_TYPES["llama"],
+    "mistral": llama.MODEL_TYPES["mistral"],
+    "qwen2": llama.MODEL_TYPES["qwen2"],
+    "qwen3": llama.MODEL_TYPES["qwen3"],
+}
 
 
-def family_for(model_type: str | None, source: str = "config.json") -> ModuleType:
+def family_for(model_type: str | None, source: str = "config.json") -> Any:
     """The family module of `model_type`; ConfigError naming `source` when it is missing or unsupported."""
     supported = ", ".join(repr(t) for t in FAMILIES)
     if model_type is None:

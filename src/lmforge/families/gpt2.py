@@ -70,7 +70,9 @@ def config_from_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def config_to_hf(config: Any) -> dict[str, Any]:
-    """The config.json keys `transformers.GPT2LMHeadModel.from_pretrained` reads (extra keys first)."""
+    """The config.json keys `transformers.GPT2LMHeadModel.from_pretrained` reads (extra keys first);
+    ConfigError for a model GPT-2 cannot describe (a Llama-family block under family "gpt2")."""
+    check_representable(config)
     d = dict(config.extra)
     d["architectures"] = d.get("architectures") or [ARCHITECTURES["causal_lm"]]
     for key, name in CONFIG_KEYS.items():
@@ -83,6 +85,21 @@ def config_to_hf(config: Any) -> dict[str, Any]:
     else:
         d.pop("bias", None)
     return d
+
+
+def check_representable(config: Any) -> None:
+    """ConfigError naming each choice transformers' GPT-2 does not have (RMSNorm, RoPE, a gated MLP,
+    grouped-query attention, a head size other than n_embd / n_head, q/k norm, a sliding window,
+    per-projection biases unlike the others), instead of writing a config.json of another model."""
+    gpt2 = {"norm": "layernorm", "positions": "learned", "mlp": "standard", "n_kv_heads": config.n_head,
+            "head_dim": config.n_embd // config.n_head, "qk_norm": False, "sliding_window": None}
+    found = {name: getattr(config, name) for name in gpt2}
+    for part in ("qkv", "proj", "mlp"):
+        gpt2[f"{part}_bias"], found[f"{part}_bias"] = config.bias, config.has_bias(part)
+    problems = [f"{name}={value!r} (GPT-2: {gpt2[name]!r})" for name, value in found.items() if value != gpt2[name]]
+    if problems:
+        raise ConfigError(f"cannot write a 'gpt2' config.json for this model: {', '.join(problems)}; set "
+                          f"GPTConfig.family to the Llama-family model_type it is (llama, mistral, qwen2, qwen3)")
 
 
 # ---- tensors ---------------------------------------------------------------------------------------

@@ -47,11 +47,19 @@ class PreparedRequest:
 def resolve_config(
     model: Any, generation_config: GenerationConfig | None = None, **options: Any,
 ) -> GenerationConfig:
-    """The effective config: `generation_config` (or the defaults) with `options` applied on top,
-    and eos/pad/bos filled in from the model's config where the user left them unset."""
+    """The effective config: `generation_config` (or the defaults) with `options` applied on top;
+    where the user left a field unset (not among `options`, still at GenerationConfig's default),
+    the checkpoint's generation_config.json value (model.generation_defaults, as transformers applies
+    it), then for eos/pad/bos the model's config."""
     check_option_names(options)
     base = generation_config if generation_config is not None else GenerationConfig()
     config = base.replace(**options) if options else base.replace()
+    saved = getattr(model, "generation_defaults", None) or {}
+    if saved:
+        unset = GenerationConfig()
+        keep = {k: v for k, v in saved.items()
+                if k not in options and hasattr(config, k) and getattr(config, k) == getattr(unset, k)}
+        config = config.replace(**keep) if keep else config
     fill: dict[str, Any] = {}
     if config.eos_token_id is None and model.config.eos_token_id is not None:
         fill["eos_token_id"] = model.config.eos_token_id  # one id or a list, as in config.json
