@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 LAYERS = {
     "errors": 0, "_io": 0, "device": 0,
     "config": 1, "families": 1,
-    "corpus": 2, "checkpoint": 2, "tokenizer_base": 2, "tokenizer": 2, "char_tokenizer": 2, "data": 2, "generation": 2,
+    "corpus": 2, "checkpoint": 2, "tokenizer_base": 2, "tokenizer": 2, "chat_template": 2, "char_tokenizer": 2, "data": 2, "generation": 2,
     "model": 3,
     "training": 4,
     "tasks": 5, "metrics": 5,

@@ -32,7 +32,7 @@ def test_info_prints_architecture_parameters_dtype_and_size(tiny_hf_dir, capsys)
     assert info["dtype"] == "float32" and info["n_positions"] == 64
 
 
-@pytest.mark.parametrize("breakage", ["missing-config", "truncated", "no-such-dir", "llama"])
+@pytest.mark.parametrize("breakage", ["missing-config", "truncated", "no-such-dir", "bert"])
 def test_bad_checkpoints_give_one_line_and_exit_2(tiny_hf_dir, breakage):
     target = str(tiny_hf_dir)
     if breakage == "missing-config":
@@ -44,7 +44,7 @@ def test_bad_checkpoints_give_one_line_and_exit_2(tiny_hf_dir, breakage):
         target = str(tiny_hf_dir / "missing" / "dir")
     else:
         cfg = json.loads((tiny_hf_dir / "config.json").read_text())
-        (tiny_hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+        (tiny_hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
     result = run_cli("info", target)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

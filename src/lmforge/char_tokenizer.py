@@ -88,7 +88,9 @@ class CharTokenizer(TokenizerBase):
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{file}: not a valid character tokenizer file ({e}); save it again") from None
 
-    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False,
+                     add_special_tokens: bool = True) -> list[list[int]]:
+        """Ids of each text (a character tokenizer adds no special tokens around a text)."""
         if isinstance(texts, str):
             raise ConfigError("encode_batch takes a list of strings; use encode for one string")
         return [self.encode_array(t, split_special_tokens).tolist() for t in texts]

@@ -48,7 +48,8 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "vocab_size", "n_positions", "tie_word_embeddings")
 _HUB_PATTERNS = [
     CONFIG_NAME, GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "vocab.json",
-    "merges.txt", "special_tokens_map.json", "lmforge_tokenizer.json",
+    "merges.txt", "special_tokens_map.json", "lmforge_tokenizer.json", "chat_template.jinja",
+    "additional_chat_templates/*",
 ]
 
 

@@ -124,7 +124,8 @@ def _tokenizer_summary(tok: TokenizerBase, given: Any) -> dict[str, Any]:
 def _encode(tok: TokenizerBase, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
     if isinstance(tok, CharTokenizer):  # vectorised; skips the list round trip
         return [tok.encode_array(t, split_special_tokens=True).astype(dtype) for t in texts]
-    return [np.array(ids, dtype=dtype) for ids in tok.encode_batch(texts, split_special_tokens=True)]
+    rows = tok.encode_batch(texts, split_special_tokens=True, add_special_tokens=False)  # pieces of documents: no bos
+    return [np.array(ids, dtype=dtype) for ids in rows]
 
 
 def _write_tokens(

@@ -24,3 +24,7 @@ class DataError(LmforgeError):
 
 class TrainingError(LmforgeError):
     """A training run that cannot go on: non-finite loss, out of memory, a resume that does not fit."""
+
+
+class ChatTemplateError(ConfigError):
+    """A chat template that is missing, is not valid Jinja, or refuses the messages (its raise_exception)."""

@@ -1,13 +1,17 @@
-"""Tokenizers: GPT-2 byte-level BPE over Hugging Face `tokenizers`, and a character-level tokenizer.
+"""Tokenizers: any Hugging Face `tokenizers` tokenizer.json (GPT-2's byte-level BPE, Llama 3's and
+Qwen's byte-level BPE with their split regexes, SentencePiece-converted Llama 2 BPE with byte fallback),
+and a character-level tokenizer.
 
 Both (the character tokenizer lives in char_tokenizer.py) share TokenizerBase's interface
 (tokenizer_base.py: encode, decode, batch calls with padding and attention masks, special token ids,
-save_pretrained / from_pretrained), so a model directory holds its tokenizer and everything downstream works with either. Byte-level BPE round-trips any string exactly; the
+chat templates, save_pretrained / from_pretrained), so a model directory holds its tokenizer and
+everything downstream works with either. Byte-level BPE round-trips any string exactly; the
 character tokenizer round-trips any string made of the characters it was trained on.
 
 Files in a directory: tokenizer.json (+ vocab.json, merges.txt, tokenizer_config.json,
-special_tokens_map.json, which transformers' GPT2TokenizerFast also reads) for BPE;
-lmforge_tokenizer.json for the character tokenizer.
+special_tokens_map.json, chat_template.jinja, which transformers also reads) for BPE;
+lmforge_tokenizer.json for the character tokenizer. tokenizer_config.json is applied as
+transformers 5 applies it, so the ids equal AutoTokenizer's.
 """
 
 from __future__ import annotations
@@ -19,13 +23,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmforge._io import write_json_atomic, write_text_atomic
-from lmforge.corpus import Errors, TextSource, iter_source
 from lmforge.char_tokenizer import CharTokenizer
+from lmforge.chat_template import CHAT_TEMPLATE_FILE, read_chat_template
+from lmforge.corpus import Errors, TextSource, iter_source
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer_base import (  # noqa: F401 (EOS, BatchEncoding: re-exported, users look here)
     CHAR_FILE, CONFIG_FILE, EOS, MERGES_FILE, ROLES, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, VOCAB_FILE,
     BatchEncoding, TokenizerBase, resolve_tokenizer_path,
 )
+
+_BOS_IS_EOS: Any = object()  # Tokenizer's default bos: GPT-2's convention, the eos token
+# Model types whose tokenizer.json transformers 5 loads as written even when tokenizer_config.json
+# names LlamaTokenizer (Mistral's tokenizers go through its TokenizersBackend).
+_AS_WRITTEN_MODEL_TYPES = ("mistral", "mixtral")
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from the 256 byte values to printable characters (the byte-level alphabet)."""
@@ -54,10 +65,11 @@ def _gpt2_pipeline(model: Any) -> Any:
 
 
 class Tokenizer(TokenizerBase):
-    """Byte-level BPE (GPT-2 format) over a Hugging Face `tokenizers.Tokenizer`.
+    """A Hugging Face `tokenizers.Tokenizer` (GPT-2's byte-level BPE when lmforge builds one).
 
-    Make one with from_pretrained (a directory or Hub name), train (on text or files), or
-    byte_level (256 byte tokens + <|endoftext|>, no merges: the offline default).
+    Make one with from_pretrained (a directory or Hub name: any tokenizer.json), train (on text or
+    files), or byte_level (256 byte tokens + <|endoftext|>, no merges: the offline default).
+    bos_token defaults to the eos token, as in GPT-2.
     """
 
     def __init__(
@@ -65,10 +77,11 @@ class Tokenizer(TokenizerBase):
         backend: Any,
         *,
         eos_token: str | None = EOS,
-        bos_token: str | None = None,
+        bos_token: str | None = _BOS_IS_EOS,
         pad_token: str | None = None,
         unk_token: str | None = None,
         model_max_length: int | None = None,
+        chat_template: str | dict[str, str] | None = None,
     ) -> None:
         self._backend = backend
         self._ordinary: Any = None  # a copy that encodes special-token strings as plain text
@@ -76,13 +89,14 @@ class Tokenizer(TokenizerBase):
         vocab = backend.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.eos_token = None if eos_token == EOS and EOS not in vocab else eos_token  # the default, when absent
-        self.bos_token = bos_token if bos_token is not None else self.eos_token  # GPT-2: bos = eos
+        self.bos_token = self.eos_token if bos_token is _BOS_IS_EOS else bos_token
         self.pad_token, self.unk_token = pad_token, unk_token
         for role in ROLES:
             token = getattr(self, role)
             if token is not None and token not in vocab:
                 raise DataError(f"{role} {token!r} is not in the vocabulary; add it as a special token when training")
         self.model_max_length = model_max_length
+        self.chat_template = chat_template
 
     @property
     def backend(self) -> Any:
@@ -111,17 +125,22 @@ class Tokenizer(TokenizerBase):
     def from_pretrained(path_or_name: str | os.PathLike, revision: str | None = None) -> TokenizerBase:
         """Load the tokenizer of a directory (a model directory, or one written by save_pretrained)
         or Hugging Face Hub name: tokenizer.json, else vocab.json + merges.txt, else a character
-        tokenizer's lmforge_tokenizer.json. A path to one of those files works too."""
+        tokenizer's lmforge_tokenizer.json. A path to one of those files works too.
+
+        tokenizer_config.json counts as in transformers 5: the special tokens (bos, eos, pad, unk),
+        a LlamaTokenizer's SentencePiece settings (legacy, add_prefix_space), padding_side,
+        model_max_length, and add_bos_token / add_eos_token for vocab.json + merges.txt (with a
+        tokenizer.json, its post-processor alone puts tokens around a text, e.g. Llama's bos); the
+        chat template comes from chat_template.jinja or the config's "chat_template"."""
         directory = resolve_tokenizer_path(path_or_name, revision)
         if isinstance(directory, Path) and directory.is_file():
             return _load_file(directory)
         if (directory / CHAR_FILE).is_file():
             return CharTokenizer.from_pretrained(directory)
-        special = _read_special_config(directory)
         if (directory / TOKENIZER_FILE).is_file():
-            return Tokenizer.from_file(directory / TOKENIZER_FILE, **special)
+            return _load_bpe(directory, directory / TOKENIZER_FILE)
         if (directory / VOCAB_FILE).is_file() or (directory / MERGES_FILE).is_file():
-            return Tokenizer.from_vocab_merges(directory / VOCAB_FILE, directory / MERGES_FILE, **special)
+            return _load_bpe(directory, None)
         raise DataError(
             f"{directory}: no tokenizer found (expected {TOKENIZER_FILE}, {VOCAB_FILE} + {MERGES_FILE}, or {CHAR_FILE}); "
             f"save one with tokenizer.save_pretrained(dir), or use lmforge.Tokenizer.byte_level() for a new model"
@@ -195,14 +214,15 @@ class Tokenizer(TokenizerBase):
         return cls(backend, eos_token=eos_token, pad_token=pad_token)
 
     # ---- the interface
-    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False,
+                     add_special_tokens: bool = True) -> list[list[int]]:
         """Ids of each text; the tokenizers library encodes the batch on all cores."""
         if isinstance(texts, str):
             raise ConfigError("encode_batch takes a list of strings; use encode for one string")
         backend = self._ordinary_backend() if split_special_tokens else self._backend
         # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which ids do not need.
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        return [e.ids for e in encode(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         return self._backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
@@ -232,13 +252,16 @@ class Tokenizer(TokenizerBase):
                 "merges": merges, "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer"),
                 "specials": sorted(self.special_tokens),
             }
+            if self._backend.num_special_tokens_to_add(False):  # ids put around every text (Llama's bos)
+                content["post_processor"] = spec.get("post_processor")
             blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")
             self._fingerprint = "bpe-" + hashlib.sha256(blob).hexdigest()[:32]
         return self._fingerprint
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and
-        special_tokens_map.json (each atomically): lmforge and transformers' GPT2TokenizerFast load them."""
+        """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json (with the chat template)
+        and special_tokens_map.json (each atomically): lmforge and transformers' AutoTokenizer load them
+        to the same ids (GPT2TokenizerFast too, for GPT-2's byte-level BPE)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         spec = json.loads(self._backend.to_str())
@@ -250,17 +273,53 @@ class Tokenizer(TokenizerBase):
             merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
             write_text_atomic(directory / MERGES_FILE, "\n".join(["#version: 0.2", *merges]) + "\n")
         roles = self._special_config()
-        config = {
-            "tokenizer_class": "GPT2Tokenizer", **roles, "add_prefix_space": False, "add_bos_token": False,
+        if self._is_gpt2_format():
+            config = {"tokenizer_class": "GPT2Tokenizer", **roles, "add_prefix_space": False, "add_bos_token": False}
+        else:  # transformers then takes tokenizer.json as written, as lmforge does
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "padding_side": self.padding_side}
+        config.update({
             "clean_up_tokenization_spaces": False, "errors": "replace",
             "model_max_length": self.model_max_length if self.model_max_length is not None else int(1e30),
-        }
+        })
+        if isinstance(self.chat_template, dict):
+            config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_template.items()]
+        elif self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         write_json_atomic(directory / CONFIG_FILE, config)
         write_json_atomic(directory / SPECIAL_TOKENS_FILE, {k: v for k, v in roles.items() if v is not None})
-        stale = directory / CHAR_FILE  # would shadow these files on load
-        if stale.is_file():
-            stale.unlink()
+        for name in (CHAR_FILE, CHAT_TEMPLATE_FILE):  # would shadow these files on load
+            stale = directory / name
+            if stale.is_file():
+                stale.unlink()
         return directory
+
+    def _is_gpt2_format(self) -> bool:
+        """Whether the pipeline is the one transformers' GPT2Tokenizer builds from vocab.json + merges.txt."""
+        spec = json.loads(self._backend.to_str())
+        pre, decoder = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+        return (spec.get("normalizer") is None and spec.get("model", {}).get("type") == "BPE"
+                and (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex")) == ("ByteLevel", False, True)
+                and decoder.get("type") == "ByteLevel" and not self._backend.num_special_tokens_to_add(False))
+
+    def _follow_config(self, config: dict[str, Any], model_type: str | None, from_json: bool) -> Tokenizer:
+        """Apply tokenizer_config.json as transformers 5 does: a LlamaTokenizer's SentencePiece
+        pipeline is rebuilt from its settings (not taken from tokenizer.json) and pads on the left
+        unless padding_side says otherwise; add_bos_token / add_eos_token count only without a
+        tokenizer.json (whose post-processor decides)."""
+        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+        padding_side = "right"
+        if (tokenizer_class == "LlamaTokenizer" and '"ByteLevel"' not in self._backend.to_str()
+                and model_type not in _AS_WRITTEN_MODEL_TYPES):
+            _llama_sentencepiece_pipeline(self._backend, config)
+            padding_side = "left"
+        self.padding_side = config.get("padding_side") or padding_side
+        if not from_json and ("add_bos_token" in config or "add_eos_token" in config):
+            add_bos = bool(config.get("add_bos_token")) and self.bos_token is not None
+            add_eos = bool(config.get("add_eos_token")) and self.eos_token is not None
+            if add_bos or add_eos or self._backend.num_special_tokens_to_add(False):
+                self._backend.post_processor = _bos_eos_processor(self, add_bos, add_eos)
+        self._ordinary = self._fingerprint = None
+        return self
 
     def _ordinary_backend(self) -> Any:
         if self._ordinary is None:
@@ -291,30 +350,77 @@ def _load_file(path: Path) -> TokenizerBase:
     if path.name == CHAR_FILE:
         return CharTokenizer.from_pretrained(path)
     if path.name in (VOCAB_FILE, MERGES_FILE):
-        return Tokenizer.from_vocab_merges(path.with_name(VOCAB_FILE), path.with_name(MERGES_FILE), **_read_special_config(path.parent))
+        return _load_bpe(path.parent, None)
     if path.suffix == ".json":
-        return Tokenizer.from_file(path, **_read_special_config(path.parent))
+        return _load_bpe(path.parent, path)
     raise DataError(f"{path}: not a tokenizer file; pass a directory, {TOKENIZER_FILE}, {VOCAB_FILE} or {CHAR_FILE}")
 
 
-def _read_special_config(directory: Path) -> dict[str, Any]:
-    """Special-token roles and model_max_length from tokenizer_config.json / special_tokens_map.json."""
+def _load_bpe(directory: Path, file: Path | None) -> Tokenizer:
+    """tokenizer.json `file` (None: vocab.json + merges.txt) with the directory's tokenizer_config.json,
+    special_tokens_map.json and chat template applied."""
+    config = _read_config(directory)
+    special = {role: config[role] for role in ROLES if role in config}
+    if isinstance(config.get("model_max_length"), int) and config["model_max_length"] < 1e12:
+        special["model_max_length"] = config["model_max_length"]
+    if file is None:
+        tok = Tokenizer.from_vocab_merges(directory / VOCAB_FILE, directory / MERGES_FILE, **special)
+    else:
+        tok = Tokenizer.from_file(file, **special)
+    tok.chat_template = read_chat_template(directory)
+    model_type = _read_json(directory / "config.json").get("model_type")
+    return tok._follow_config(config, model_type, from_json=file is not None)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    """special_tokens_map.json and tokenizer_config.json merged (the config file wins); special
+    tokens given as AddedToken objects become their text."""
     out: dict[str, Any] = {}
-    for name in (SPECIAL_TOKENS_FILE, CONFIG_FILE):  # the config file wins
-        path = directory / name
-        if not path.is_file():
-            continue
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-        for role in ROLES:
-            if role in spec:
-                value = spec[role]
-                out[role] = value.get("content") if isinstance(value, dict) else value
-        if isinstance(spec.get("model_max_length"), int) and spec["model_max_length"] < 1e12:
-            out["model_max_length"] = spec["model_max_length"]
+    for name in (SPECIAL_TOKENS_FILE, CONFIG_FILE):
+        out.update(_read_json(directory / name))
+    for role in ROLES:
+        if isinstance(out.get(role), dict):
+            out[role] = out[role].get("content")
     return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return spec
+
+
+def _llama_sentencepiece_pipeline(backend: Any, config: dict[str, Any]) -> None:
+    """What transformers 5's LlamaTokenizer builds around a SentencePiece BPE: no normalizer, a
+    Metaspace pre-tokenizer that prefixes "▁" to the text's start ("first"; to every piece between
+    special tokens when legacy; never without add_prefix_space), and the matching decoder."""
+    from tokenizers import decoders, pre_tokenizers
+
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+
+
+def _bos_eos_processor(tok: Tokenizer, add_bos: bool, add_eos: bool) -> Any:
+    """transformers' update_post_processor: bos before and/or eos after every text."""
+    from tokenizers import processors
+
+    bos, eos = tok.bos_token, tok.eos_token
+    single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+    pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+    specials = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(specials)))
 
 
 def _default_roles(special: dict[str, Any], vocab: dict[str, int], add_eos: bool = False) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """What every lmforge tokenizer shares: TokenizerBase's interface (encode, decode, batch calls with
-padding and attention masks, special token ids, save/from_pretrained), the file names, and where a
-tokenizer path or Hub name resolves to. Tokenizer (tokenizer.py) and CharTokenizer
+padding and attention masks, special token ids, chat templates, save/from_pretrained), the file names,
+and where a tokenizer path or Hub name resolves to. Tokenizer (tokenizer.py) and CharTokenizer
 (char_tokenizer.py) build on it.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from lmforge.chat_template import end_of_turn_tokens, render_chat_template, select_chat_template
 from lmforge.errors import CheckpointError, ConfigError, DataError
 
 EOS = "<|endoftext|>"
@@ -47,9 +48,11 @@ class TokenizerBase:
     pad_token: str | None = None
     model_max_length: int | None = None
     padding_side: Literal["left", "right"] = "right"
+    chat_template: str | dict[str, str] | None = None  # Jinja source, or several by name ("default", "tool_use")
 
     # ---- implemented by subclasses
-    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False,
+                     add_special_tokens: bool = True) -> list[list[int]]:
         raise NotImplementedError
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
@@ -75,10 +78,12 @@ class TokenizerBase:
         raise NotImplementedError
 
     # ---- shared
-    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, split_special_tokens: bool = False, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Special-token strings in the text (e.g. "<|endoftext|>") become their
-        special ids, as in transformers; split_special_tokens=True encodes them as plain text."""
-        return self.encode_batch([text], split_special_tokens)[0]
+        special ids, as in transformers; split_special_tokens=True encodes them as plain text.
+        add_special_tokens: the ids the tokenizer puts around every text (Llama's bos), as transformers
+        does; GPT-2's byte-level BPE adds none."""
+        return self.encode_batch([text], split_special_tokens, add_special_tokens)[0]
 
     # The id of each special-token role (None when the role is unset).
     eos_token_id = property(lambda self: self._role_id(self.eos_token))
@@ -118,6 +123,7 @@ class TokenizerBase:
         return_tensors: Literal["pt", "np"] | None = None,
         return_attention_mask: bool = True,
         split_special_tokens: bool = False,
+        add_special_tokens: bool = True,
     ) -> BatchEncoding:
         """Encode one text or a batch, as transformers' tokenizer call: "input_ids" and "attention_mask".
 
@@ -133,7 +139,7 @@ class TokenizerBase:
         side = padding_side or self.padding_side
         if side not in ("left", "right") or truncation_side not in ("left", "right"):
             raise ConfigError(f"padding_side and truncation_side must be 'left' or 'right', got {side!r}, {truncation_side!r}")
-        rows = self.encode_batch(texts, split_special_tokens)
+        rows = self.encode_batch(texts, split_special_tokens, add_special_tokens)
         if truncation:
             limit = max_length if max_length is not None else self.model_max_length
             if limit is None:
@@ -175,6 +181,60 @@ class TokenizerBase:
         elif single:
             out = {k: v[0] for k, v in out.items()}
         return BatchEncoding(out)
+
+    # ---- chat templates
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        padding: bool | Literal["longest", "max_length", "do_not_pad"] = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: Literal["pt", "np"] | None = None,
+        return_dict: bool = True,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Render messages ([{"role": ..., "content": ...}], or a list of such conversations) with the
+        chat template, as transformers 5 does: the text (tokenize=False), else its encoding without
+        added special tokens (the template writes them): a BatchEncoding, or the ids when
+        return_dict=False. The template sees the special tokens (bos_token, eos_token, ...) and
+        `kwargs`. ChatTemplateError when there is no template or it refuses the messages."""
+        source = self.get_chat_template(chat_template, tools)
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        variables = {**self._template_tokens(), **kwargs}
+        texts = [render_chat_template(source, chat, add_generation_prompt=add_generation_prompt,
+                                      continue_final_message=continue_final_message, tools=tools,
+                                      documents=documents, **variables)
+                 for chat in (conversation if batched else [conversation])]
+        if not tokenize:
+            return texts if batched else texts[0]
+        out = self(texts if batched else texts[0], padding=padding, truncation=truncation, max_length=max_length,
+                   return_tensors=return_tensors, add_special_tokens=False, **(tokenizer_kwargs or {}))
+        return out if return_dict else out["input_ids"]
+
+    def get_chat_template(self, chat_template: str | None = None, tools: list[dict] | None = None) -> str:
+        """The template source apply_chat_template uses: `chat_template` (its text, or a template's
+        name), else this tokenizer's ("tool_use" with tools when it has one, else "default")."""
+        return select_chat_template(self.chat_template, chat_template, tools)
+
+    def end_of_turn_ids(self, chat_template: str | None = None) -> list[int]:
+        """The ids that end an assistant turn in the chat template (Llama 3's <|eot_id|>, ChatML's
+        <|im_end|>): a reply stops there. chat_template: another template's text or name. Empty
+        when there is no template or its turns end in plain text."""
+        if chat_template is None and self.chat_template is None:
+            return []
+        source = self.get_chat_template(chat_template)
+        return [self.token_to_id(t) for t in end_of_turn_tokens(source, self.special_tokens, **self._template_tokens())]
+
+    def _template_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template sees (the roles that are set), as transformers passes them."""
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
 
     def _check_ids(self, ids: Any) -> list[int]:
         if hasattr(ids, "tolist"):

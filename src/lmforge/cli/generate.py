@@ -2,6 +2,7 @@
 
     lmforge generate --model gpt2 --prompt "Once upon a time" --max-length 50 --num-return-sequences 5 --do-sample
     echo "Hello" | lmforge generate --preset tiny --prompt - --stream --seed 0
+    lmforge generate --model ./qwen2.5-0.5b-instruct --chat --prompt "Name three colours." --max-new-tokens 40
 
 Generation flags default to unset, so GenerationConfig's defaults apply (they live only there).
 """
@@ -47,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "tokenizer: works offline")
     p.add_argument("--tokenizer", metavar="PATH", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--prompt", required=True, help='the prompt text, or "-" to read prompts from stdin, one per line')
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the model's chat template (default template: "
+                        "User:/Assistant:) and stop at the end of the assistant's turn")
     add_generation_flags(p)
     p.add_argument("--early-stopping", choices=["true", "false", "never"], default=None,
                    help="beam search: stop when num_beams hypotheses are finished (default: false)")
@@ -141,8 +145,14 @@ def run(args: argparse.Namespace) -> int:
     if args.stream and config.is_beam_search:
         raise ValueError("--stream works with greedy and sampling decoding, not --num-beams > 1")
     model, tokenizer = load(args)
+    template = None
+    if args.chat:
+        template, options = chat_options(model, tokenizer, options)
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)
+        if template is None:
+            ids = tokenizer.encode(prompt)
+        else:
+            ids = template.encode(tokenizer, [{"role": "user", "content": prompt}])
         print("Output:\n" + RULE)
         if args.stream:
             _stream(model, tokenizer, ids, options)
@@ -151,6 +161,20 @@ def run(args: argparse.Namespace) -> int:
             for i, row in enumerate(out.tolist()):
                 print(f"{i}: {_text(tokenizer, row)}")
     return 0
+
+
+def chat_options(model: Any, tokenizer: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer's chat template, and `options` that also stop where it ends the assistant's turn:
+    its end-of-turn token ids beside the model's eos, and its stop strings."""
+    from lmforge.generation import resolve_config
+    from lmforge.serve.chat import ChatTemplate
+
+    template = ChatTemplate.for_tokenizer(tokenizer)
+    eos = list(resolve_config(model, None, **options).eos_token_id or [])
+    options = {**options, "eos_token_id": eos + [t for t in template.stop_token_ids if t not in eos]}
+    if template.stop:
+        options["stop_strings"] = list(options.get("stop_strings") or []) + template.stop
+    return template, options
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:

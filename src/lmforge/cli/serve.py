@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=engine["max_queue"],
                    help=f"requests that may wait for a slot; more get 429 (default: {engine['max_queue']})")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
-                   help="Jinja chat template (file or text; default: the tokenizer_config.json one, else User:/Assistant:)")
+                   help="Jinja chat template (file or text; default: the tokenizer's own, else User:/Assistant:)")
     p.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
                    help="stop string added to every chat request (repeatable; default template: '\\nUser:')")
     p.add_argument("--max-body-bytes", type=int, default=server["max_body_bytes"],
@@ -68,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     model, tokenizer = load(args)
-    model_dir = getattr(model, "checkpoint_dir", None)
-    template = ChatTemplate.load(args.chat_template, model_dir=args.tokenizer or model_dir, stop=args.chat_stop,
-                                 eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or "")
+    template = ChatTemplate.for_tokenizer(tokenizer, args.chat_template, stop=args.chat_stop)
     name = args.preset or (Path(args.model).name if Path(args.model).exists() else args.model)
     engine = Engine(model, tokenizer, engine_config)
 

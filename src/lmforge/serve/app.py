@@ -222,7 +222,7 @@ class _Routes:
     async def chat_completions(self, body: ChatCompletionRequest, http: HTTPRequest) -> Any:
         self.check_model(body.model)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        prompt = self.tokenizer.encode(self.template.render(messages, add_generation_prompt=True))
+        prompt = self.template.encode(self.tokenizer, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = self.engine.max_model_len - max(1, len(prompt))
@@ -232,6 +232,7 @@ class _Routes:
                                 param="messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, top, extra_stop=self.template.stop)
+        params.stop_token_ids += [t for t in self.template.stop_token_ids if t not in params.stop_token_ids]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         job = _Job(self.engine, [prompt], params, body.n)
 
@@ -276,7 +277,8 @@ class _Routes:
 
 def create_app(engine: Engine, config: ServerConfig | None = None, chat_template: ChatTemplate | None = None,
                model_name: str = "model") -> FastAPI:
-    """The FastAPI application; its lifespan starts the engine and stops it (cancelling what still runs)."""
+    """The FastAPI application; its lifespan starts the engine and stops it (cancelling what still runs).
+    chat_template: default, the tokenizer's own template (else the User:/Assistant: one)."""
     config = config or ServerConfig()
 
     @contextlib.asynccontextmanager
@@ -295,7 +297,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None, chat_template
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _crash)
-    routes = _Routes(engine, config.served_model_name or model_name, chat_template or ChatTemplate())
+    template = chat_template or ChatTemplate.for_tokenizer(engine.tokenizer)
+    routes = _Routes(engine, config.served_model_name or model_name, template)
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
     app.add_api_route("/metrics", routes.metrics, methods=["GET"])

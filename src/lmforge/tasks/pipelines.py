@@ -238,7 +238,7 @@ class QuestionAnsweringPipeline(Pipeline):
     def _answer(self, context: str, continuation: str, logprobs: list[float]) -> dict[str, Any]:
         answer = _first_line(continuation)
         # Score only the tokens that made the answer (not what came after the newline).
-        kept = len(self.tokenizer.encode(continuation.split("\n", 1)[0])) if "\n" in continuation else len(logprobs)
+        kept = len(self.tokenizer.encode(continuation.split("\n", 1)[0], add_special_tokens=False)) if "\n" in continuation else len(logprobs)
         score = float(torch.tensor(logprobs[:kept], dtype=torch.float64).sum().exp()) if logprobs else None
         start = context.find(answer) if answer else -1
         if start < 0:

@@ -169,13 +169,13 @@ def encode_example(
     if "".join(response.split()) == "".join(_literal_text(template.response).split()):  # fields add only whitespace
         raise DataError(f"{where}: empty target: the response field(s) {template_fields(template.response)} hold no text "
                         f"(response {response!r}); every SFT example needs a target, so fix or drop the row")
-    response_ids = tokenizer.encode(response) + [eos]
+    response_ids = tokenizer.encode(response, add_special_tokens=False) + [eos]  # continues the prompt: no bos
     prompt_ids = tokenizer.encode(prompt)
     cut = None
     doc = template.document_field
     if len(prompt_ids) + len(response_ids) > budget and doc is not None and isinstance(row.get(doc), str):
         cut = "document"
-        doc_ids = tokenizer.encode(row[doc])
+        doc_ids = tokenizer.encode(row[doc], add_special_tokens=False)
         keep = len(doc_ids)
         for _ in range(8):  # re-encoding the shortened text can shift a token or two; converge
             overflow = len(prompt_ids) + len(response_ids) - budget
