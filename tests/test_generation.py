@@ -593,3 +593,21 @@ def test_generation_config_json_supplies_the_defaults_the_user_left_unset(tmp_pa
     assert not mine.do_sample and mine.eos_token_id == [3] and mine.temperature == 0.6
     ids = model.generate([[1, 2, 3]], max_new_tokens=5, seed=0)
     assert ids.shape[1] <= 8  # sampled with the file's settings (seeded), stops at 7 or 9 if drawn
+
+
+@pytest.mark.parametrize("options", [dict(LLAMA, n_kv_head=2), dict(LLAMA, n_kv_head=1, sliding_window=5)])
+def test_static_shape_step_equals_dynamic_step_for_the_llama_block(options):
+    torch.manual_seed(0)
+    model = lmforge.GPT(lmforge.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                                          **options)).eval()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.inference_mode():
+        dynamic, static = Forward(model, 2, 16, mask, "dynamic"), Forward(model, 2, 16, mask, "static")
+        a, b = dynamic.prefill(ids, mask), static.prefill(ids, mask)
+        for _ in range(8):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            tokens = a.argmax(-1)
+            a, b = dynamic.step(tokens), static.step(tokens)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

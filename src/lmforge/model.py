@@ -263,12 +263,10 @@ class CausalSelfAttention(nn.Module):
         H, KV = self.n_head, self.n_kv_head
         # [Q | K | V] -> (B, H, T, D) and twice (B, KV, T, D) views in as few operations as possible:
         # a decoded token pays for each one about as much as for a kernel.
-        q, k, v = self.c_attn(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2).split((H, KV, KV), dim=1)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.c_attn(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            rope = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
+        q, k, v = self._rotate(qkv, rope, dim=1)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
         if self.impl == "sdpa":
@@ -283,6 +281,25 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # Concat(head_1..head_h)
         return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
+    def _rotate(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, dim: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v from the projected heads (stacked along `dim` as [q | k | v]), with q/k norms and
+        rotary positions applied. Without q/k norms, q and k are rotated as one tensor (fewer
+        operations, which a decoded token pays for)."""
+        H, KV = self.n_head, self.n_kv_head
+        if self.qk_norm:
+            q, k, v = qkv.split((H, KV, KV), dim=dim)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            return q, k, v
+        if rope is None:
+            return qkv.split((H, KV, KV), dim=dim)
+        qk, v = qkv.split((H + KV, KV), dim=dim)
+        q, k = apply_rope(qk, *rope).split((H, KV), dim=dim)
+        return q, k, v
+
     def row_step(self, kv_cache: KVCache) -> RowStep:
         """x, h, rope -> x + MultiHead(h) for one token of one sequence (cache row 0) on vectors: the
         equations of forward with the fewest operations (see GPT.row_step), one query attending to
@@ -290,18 +307,13 @@ class CausalSelfAttention(nn.Module):
         H, KV, D, scale, window = self.n_head, self.n_kv_head, self.head_dim, self.scale, self.window
         qkv_weight, qkv_bias = self.c_attn.weight, _bias(self.c_attn)
         out_weight, out_bias = self.c_proj.weight, _bias(self.c_proj)
-        q_norm = self.q_norm.forward if self.qk_norm else None
-        k_norm = self.k_norm.forward if self.qk_norm else None
+        rotate = self._rotate
         keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (KV, max_length, D)
         gqa = {"enable_gqa": True} if KV != H else {}
 
         def step(x: torch.Tensor, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
             n = kv_cache.length
-            q, k, v = torch.addmv(qkv_bias, qkv_weight, h).view(H + 2 * KV, D).split((H, KV, KV))
-            if q_norm is not None:
-                q, k = q_norm(q), k_norm(k)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = rotate(torch.addmv(qkv_bias, qkv_weight, h).view(H + 2 * KV, D), rope, dim=0)
             keys[:, n] = k
             values[:, n] = v
             start = 0 if window is None else max(0, n + 1 - window)

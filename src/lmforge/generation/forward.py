@@ -103,6 +103,9 @@ def _static_step(
 ) -> torch.Tensor:
     """The model's forward for one token per row over the whole cache (see _StaticStep)."""
     attend = valid[:, None, None, :]  # (B, 1, 1, S): the written slots
+    window = model.config.sliding_window
+    if window is not None:  # and only the last `window` of them
+        attend = attend & (torch.arange(valid.size(1), device=valid.device) > write_at - window)
     hidden = model.forward_blocks(tokens, positions, attend, False, _CacheSlots(k, v, write_at))
     return model.lm_head(hidden[:, -1]).float()
 
