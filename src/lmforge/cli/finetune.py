@@ -3,6 +3,7 @@
     lmforge finetune classify --model gpt2 --train sst2/train.jsonl --val sst2/validation.jsonl --out runs/sst2
     lmforge finetune sft --model gpt2 --task translation --train multi30k/train.jsonl --val multi30k/validation.jsonl \
         --out runs/mt --lora-rank 8 --lora-alpha 16 --lora-targets c_attn c_proj
+    lmforge finetune sft --model LLAMA_DIR --task qa --train qa.jsonl --out runs/qa --lora-rank 8 --lora-targets q_proj v_proj
     torchrun --nproc_per_node 2 -m lmforge finetune sft ...
 
 Every TrainConfig field is a flag as in `lmforge pretrain` (defaults live in TrainConfig).
@@ -56,7 +57,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank; the base stays frozen")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator: update = alpha / rank * B A (default: 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=None, metavar="NAME",
-                   help="projections to adapt: c_attn attn.c_proj c_fc mlp.c_proj (name suffixes, or re:REGEX; default: c_attn)")
+                   help="projections to adapt: GPT-2 c_attn attn.c_proj c_fc mlp.c_proj (default: c_attn); Llama family "
+                        "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (default: q_proj v_proj); or name "
+                        "suffixes, re:REGEX")
     p.add_argument("--group-by-length", action="store_true",
                    help="batch examples of similar length together (less padding; much faster on short texts)")
     p.add_argument("--no-plot", action="store_true", help="skip the loss plot (RUN/loss.png)")
@@ -72,7 +75,7 @@ def _lora(args: argparse.Namespace):
             raise ConfigError("--lora-alpha / --lora-targets / --lora-dropout need --lora-rank")
         return None
     return LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
-                        targets=args.lora_targets or ["c_attn"], dropout=args.lora_dropout or 0.0)
+                        targets=args.lora_targets, dropout=args.lora_dropout or 0.0)
 
 
 def _report(outcome) -> int:

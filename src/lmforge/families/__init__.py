@@ -9,7 +9,8 @@ from one Hugging Face scheme, as data and small functions:
     name_from_hf(key, config) -> str|None  one tensor name -> lmforge's (None: not a parameter of ours)
     state_from_hf(state, config) -> dict   a whole state dict -> lmforge's names and layouts
     state_to_hf(state, config) -> dict     lmforge's state dict -> the family's names and layouts
-    LORA_TARGETS, LORA_DEFAULT_TARGETS     LoRA target names users know -> lmforge module names
+    LORA_TARGETS, LORA_DEFAULT_TARGETS     LoRA target names users know -> lmforge module names (or, for
+                                           a part of a fused module, (name, config -> its output rows))
 
 FAMILIES maps each model_type to an object with that interface: the module itself (gpt2), or, where
 one module serves several model_types (llama: llama, mistral, qwen2, qwen3), its object for the type.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,13 +36,24 @@ ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling")
 QWEN_WINDOW_KEYS = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28, layer_types=None)
 
 
-# LoRA targets: peft's names for the Llama family -> lmforge module-name suffixes. lmforge fuses
-# q/k/v into one projection (attn.c_attn) and gate/up into another (mlp.c_fc), so for now q_proj,
-# k_proj and v_proj all adapt the whole attn.c_attn, and gate_proj and up_proj the whole mlp.c_fc.
-LORA_TARGETS = {"q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn", "o_proj": "attn.c_proj",
-                "gate_proj": "mlp.c_fc", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj",
+def lora_part(fused: str, index: int) -> tuple[str, Callable[[Any], tuple[int, int]]]:
+    """A LoRA target that is one Hugging Face projection inside lmforge's fused `fused` module: the
+    module-name suffix, and a function config -> (start, stop), the output rows that part owns."""
+    def rows(config: Any) -> tuple[int, int]:
+        sizes = [shape[0] for shape in fused_part_shapes(config, fused + ".weight")]
+        return sum(sizes[:index]), sum(sizes[:index + 1])
+
+    return fused, rows
+
+
+# LoRA targets: peft's names for the Llama family -> lmforge module-name suffixes, or (suffix, rows)
+# for a projection lmforge fuses with others: q/k/v_proj are row blocks [q; k; v] of attn.c_attn and
+# gate/up_proj the halves [gate; up] of mlp.c_fc, and an adapter on a part changes only its rows.
+LORA_TARGETS = {"q_proj": lora_part("attn.c_attn", 0), "k_proj": lora_part("attn.c_attn", 1),
+                "v_proj": lora_part("attn.c_attn", 2), "o_proj": "attn.c_proj",
+                "gate_proj": lora_part("mlp.c_fc", 0), "up_proj": lora_part("mlp.c_fc", 1), "down_proj": "mlp.c_proj",
                 "c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
-LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama (here: all of attn.c_attn)
+LORA_DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama
 
 
 @dataclass(frozen=True, eq=False)

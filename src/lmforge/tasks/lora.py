@@ -4,11 +4,14 @@
 
 so training starts from exactly the base model and updates r (in + out) numbers per layer instead of
 in x out. `apply_lora(model, rank, alpha, targets)` freezes the model, wraps the matching
-projections and returns a `LoRAModel`; `merge_lora` folds B A into W for export.
+projections and returns a `LoRAModel`; `merge_lora` folds B A into W for export. A target can be a
+part of a projection lmforge fuses (Llama's q_proj: the q rows of attn.c_attn): its pair changes
+only those output rows, and several parts of one projection share one wrapped layer.
 
 A LoRAModel's `save_pretrained(dir)` writes the *merged* weights as a normal model directory
 (what `lmforge generate`, the server and transformers load) plus the adapters beside them
-(`lora_adapter.safetensors`, `lora_config.json`: rank, alpha, targets, base model). `load_weights`
+(`lora_adapter.safetensors`, `lora_config.json`: rank, alpha, targets, modules and their parts, base
+model). `load_weights`
 restores the adapters (the frozen base is already in place), which is what a resumed run needs;
 `lmforge merge-lora` rebuilds a merged directory from a base and an adapter directory.
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge._io import write_atomic, write_json_atomic
@@ -39,30 +43,50 @@ ADAPTER_CONFIG = "lora_config.json"
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: base(x) + scale * B(A(dropout(x)))."""
+    """A frozen nn.Linear plus trainable low-rank updates.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    Whole layer: base(x) + scale * B(A(dropout(x))), parameters lora_A (r, in) and lora_B (out, r).
+    With `parts` (name -> output rows (start, stop) of a fused projection, e.g. {"q_proj": (0, 64)}),
+    each part has its own pair, lora_A_<name> and lora_B_<name> (stop - start, r), and adds
+    scale * B A x to its rows only.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 parts: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
+        self.parts = {"": (0, base.out_features)} if parts is None else {p: tuple(rows) for p, rows in parts.items()}
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
+        for part, (start, stop) in self.parts.items():
+            lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise A
+            self.register_parameter(_pair_name("lora_A", part), lora_A)
+            self.register_parameter(_pair_name("lora_B", part), nn.Parameter(torch.zeros(stop - start, rank, **kw)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for p in self.base.parameters():
             p.requires_grad_(False)
 
+    def pairs(self) -> list[tuple[int, int, nn.Parameter, nn.Parameter]]:
+        """(start, stop, A, B) for each part (one for a whole layer)."""
+        return [(start, stop, getattr(self, _pair_name("lora_A", part)), getattr(self, _pair_name("lora_B", part)))
+                for part, (start, stop) in self.parts.items()]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = (self.dropout(x) @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype)  # (.., r) -> (.., out)
-        return self.base(x) + self.scale * update
+        out, x_in, n_out = self.base(x), self.dropout(x), self.base.out_features
+        for start, stop, lora_A, lora_B in self.pairs():
+            update = (x_in @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype)  # (.., r) -> (.., stop - start)
+            out = out + F.pad(self.scale * update, (start, n_out - stop))  # zero outside the part's rows
+        return out
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B A, the (out, in) change merging adds to the base weight."""
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+        """scale * B A in each part's rows (zero elsewhere): the (out, in) change merging adds to the base weight."""
+        n_out = self.base.out_features
+        return sum(F.pad(self.scale * (lora_B.float() @ lora_A.float()), (0, 0, start, n_out - stop))
+                   for start, stop, lora_A, lora_B in self.pairs())
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with W + scale B A (a new module; this one is unchanged)."""
@@ -74,7 +98,12 @@ class LoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}"
+        parts = "" if list(self.parts) == [""] else f", parts={self.parts}"
+        return f"rank={self.rank}, alpha={self.alpha}{parts}"
+
+
+def _pair_name(matrix: str, part: str) -> str:
+    return f"{matrix}_{part}" if part else matrix
 
 
 def _matches(name: str, target: str) -> bool:
@@ -94,6 +123,15 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
 
 
+def _require_plain(model: nn.Module) -> None:
+    if isinstance(model, LoRAModel):
+        raise ConfigError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
+
+
+# What to wrap: module name -> None (one pair on all its rows) or {part name: its (start, stop) rows}.
+Layers = dict[str, dict[str, tuple[int, int]] | None]
+
+
 def apply_lora(
     model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
     dropout: float = 0.0, trainable: Sequence[str] | None = None, base_model: str | None = None,
@@ -101,37 +139,72 @@ def apply_lora(
     """Freeze `model`, wrap each nn.Linear whose name matches a target in LoRALinear, return a LoRAModel.
 
     targets: module-name suffixes, the names of the model's family (GPT-2: c_attn, attn.c_proj, c_fc,
-    mlp.c_proj), or re:REGEX; default: the family's usual choice (GPT-2: c_attn).
+    mlp.c_proj; Llama family: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, where
+    q/k/v and gate/up adapt only their rows of lmforge's fused projection), or re:REGEX; default:
+    the family's usual choice (GPT-2: c_attn; Llama: q_proj v_proj).
     trainable: names of modules kept fully trainable besides the adapters (default: a
     classifier's "score" head, which starts random and must learn). Targets that match no module
     raise ConfigError listing the projections there are.
     """
-    if isinstance(model, LoRAModel):
-        raise ConfigError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
+    _require_plain(model)
     family = _family(model)
     aliases = family.LORA_TARGETS if family is not None else {}
     if targets is None and family is not None:
         targets = family.LORA_DEFAULT_TARGETS
     if not targets:
         raise ConfigError(f"--lora-targets is empty; name projections such as {' '.join(aliases) or 'a module name suffix'}")
-    if trainable is None:
-        trainable = ["score"] if hasattr(model, "score") else []
+    layers = _resolve_targets(model, targets, aliases)
+    return _adapt(model, layers, rank, alpha, dropout, trainable, targets, base_model)
+
+
+def _resolve_targets(model: nn.Module, targets: Sequence[str], aliases: dict[str, Any]) -> Layers:
+    """The layers `targets` name. An alias is a module-name suffix, or (suffix, rows) for a part of a
+    fused projection, rows(config) giving its (start, stop); any other target is a suffix or re:REGEX."""
     # The LM head is tied to the token embedding; an adapter there would untie it on merge.
     names = [n for n in _linear_names(model) if not n.endswith("lm_head")]
-    chosen = {t: [n for n in names if _matches(n, aliases.get(t, t))] for t in targets}
-    unmatched = [t for t, hits in chosen.items() if not hits]
+    whole: dict[str, str] = {}  # module -> the target naming all of it
+    parts: dict[str, dict[str, tuple[int, int]]] = {}
+    unmatched = []
+    for target in targets:
+        spec = aliases.get(target, target)
+        suffix, rows = (spec, None) if isinstance(spec, str) else spec
+        hits = [n for n in names if _matches(n, suffix)]
+        if not hits:
+            unmatched.append(target)
+        for name in hits:
+            if rows is None:
+                whole[name] = target
+            else:
+                parts.setdefault(name, {})[target] = rows(model.config)
     if unmatched:
         short = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in names})  # without the block index
         raise ConfigError(f"LoRA target(s) {unmatched} match no linear module; the model's projections are "
                           f"{', '.join(short)} (give {'one of ' + ', '.join(aliases) + ', ' if aliases else ''}a name suffix, or re:REGEX)")
-    wrapped = sorted({n for hits in chosen.values() for n in hits})
-    check_rank(rank, {n: model.get_submodule(n) for n in wrapped})
+    both = sorted(whole.keys() & parts.keys())
+    if both:
+        raise ConfigError(f"LoRA targets {whole[both[0]]!r} and {', '.join(map(repr, parts[both[0]]))} both adapt "
+                          f"{both[0]}; name the whole projection or its parts, not both")
+    return {name: parts.get(name) for name in sorted({*whole, *parts})}
+
+
+def _adapt(model: nn.Module, layers: Layers, rank: int, alpha: float, dropout: float,
+           trainable: Sequence[str] | None, targets: Sequence[str] | None, base_model: str | None) -> "LoRAModel":
+    """Freeze `model`, wrap `layers` in LoRALinear, unfreeze `trainable`: the LoRAModel whose
+    settings (lora_config.json) record all of it."""
+    if trainable is None:
+        trainable = ["score"] if hasattr(model, "score") else []
+    shapes = {}
+    for name, parts in layers.items():
+        layer = model.get_submodule(name)
+        for part, (start, stop) in (parts or {"": (0, layer.out_features)}).items():
+            shapes[f"{name} ({part})" if part else name] = (layer.in_features, stop - start)
+    check_rank(rank, shapes)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in wrapped:
+    for name, parts in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, parts))
     for name in trainable:
         try:
             module = model.get_submodule(name)
@@ -139,23 +212,25 @@ def apply_lora(
             raise ConfigError(f"trainable module {name!r} does not exist in the model") from None
         for p in module.parameters():
             p.requires_grad_(True)
-    settings = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
-                "modules": wrapped, "trainable": list(trainable), "base_model": base_model}
+    settings = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets or []),
+                "modules": list(layers), "trainable": list(trainable), "base_model": base_model}
+    recorded = {name: {part: list(rows) for part, rows in parts.items()} for name, parts in layers.items() if parts}
+    if recorded:  # adapters on whole layers only keep the format they always had
+        settings["parts"] = recorded
     return LoRAModel(model, settings)
 
 
-def check_rank(rank: int, layers: dict[str, nn.Linear]) -> None:
-    """A rank must be at least 1 and at most the width (min(in, out)) of every adapted layer: beyond
-    it B A has more numbers than the full update and no more expressive power."""
+def check_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """A rank must be at least 1 and at most the width (min(in, out)) of every adapted layer or part
+    (`shapes`: name -> (in, out)): beyond it B A has more numbers than the full update and no more
+    expressive power."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"LoRA rank must be >= 1, got {rank!r} (--lora-rank: try 4, 8 or 16)")
-    too_narrow = {n: min(m.in_features, m.out_features) for n, m in layers.items()
-                  if rank > min(m.in_features, m.out_features)}
+    too_narrow = {n: min(shape) for n, shape in shapes.items() if rank > min(shape)}
     if too_narrow:
         name, width = min(too_narrow.items(), key=lambda kv: kv[1])
         raise ConfigError(f"LoRA rank {rank} exceeds the width of {len(too_narrow)} adapted layer(s), e.g. {name} "
-                          f"({layers[name].in_features} -> {layers[name].out_features}, width {width}); "
-                          f"use --lora-rank <= {width}")
+                          f"({shapes[name][0]} -> {shapes[name][1]}, width {width}); use --lora-rank <= {width}")
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -270,11 +345,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_lora(base: nn.Module, directory: str | os.PathLike) -> LoRAModel:
     """Put the adapters of `directory` on `base` (the model they were trained from)."""
+    _require_plain(base)
     settings = read_adapter_config(directory)
-    model = apply_lora(base, rank=settings["rank"], alpha=settings["alpha"],
-                       targets=[f"re:{re.escape(m)}" for m in settings["modules"]],
-                       dropout=settings.get("dropout", 0.0), trainable=settings.get("trainable", []),
-                       base_model=settings.get("base_model"))
+    parts = settings.get("parts", {})  # absent in adapters on whole layers (and those written before parts)
+    layers = {m: {p: tuple(rows) for p, rows in parts[m].items()} if m in parts else None for m in settings["modules"]}
+    missing = sorted(set(layers) - set(_linear_names(base)))
+    if missing:
+        raise CheckpointError(f"{Path(directory) / ADAPTER_CONFIG}: adapters on {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                              f"which the base model does not have; is it the model they were trained on?")
+    model = _adapt(base, layers, settings["rank"], settings["alpha"], settings.get("dropout", 0.0),
+                   settings.get("trainable", []), settings.get("targets"), settings.get("base_model"))
     model.lora_settings = settings
     model.load_weights(directory)
     return model.eval()
