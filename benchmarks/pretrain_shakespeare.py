@@ -186,22 +186,22 @@ def _plain_loop_run(train, val, arch: str, seed: int, iters: int) -> tuple[float
 # ---- phase: speed against transformers --------------------------------------------------------
 
 
-def _hf_model(vocab: int, shape: dict):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _hf_model(config):
+    """transformers' model of the same architecture (GPT2LMHeadModel, LlamaForCausalLM, ...), no dropout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = GPT2Config(vocab_size=vocab, n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
-                     n_positions=shape["n_positions"], embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf_dict()))
 
 
-def _steppers(vocab: int, shape: dict, dtype: str):
+def _steppers(config, dtype: str):
     """One training-iteration closure per library over identical initial weights and settings."""
     import lmforge
     from lmforge.training import make_optimizer, TrainConfig
 
+    config = config.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     torch.manual_seed(0)
-    hf = _hf_model(vocab, shape).train()
-    ours = lmforge.GPT(lmforge.GPTConfig(vocab_size=vocab, **shape)).train()
+    hf = _hf_model(config).train()
+    ours = lmforge.GPT(config).train()
     from lmforge.checkpoint import hf_to_lmforge
 
     ours.load_state_dict(hf_to_lmforge(hf.state_dict(), ours.config), strict=False)
@@ -253,30 +253,37 @@ def phase_speed(args, workdir: Path) -> None:
 
     data = prepared(workdir)
     train = lmforge.TokenDataset(data, "train")
-    ours, ours_step, hf_step = _steppers(train.vocab_size, BABY, "fp32")
-    g = torch.Generator().manual_seed(0)
-    batches = [train.random_batch(12, 64, g) for _ in range(args.speed_block)]
-    ours_t, hf_t = [], []
-    _timed(ours_step, batches[:5]), _timed(hf_step, batches[:5])  # warm-up
-    for _ in range(args.speed_rounds):
-        ours_t += _timed(ours_step, batches)
-        hf_t += _timed(hf_step, batches)
-    a, b = statistics.median(ours_t) * 1000, statistics.median(hf_t) * 1000
-    emit("shakespeare_char_ms_per_iter", round(a, 2), "ms", peer=round(b, 2), ratio=round(b / a, 3),
-         config="nanoGPT baby 4x4x128, block 64, batch 12", dtype="fp32", iterations=len(ours_t),
-         note="forward+backward+clip+AdamW, interleaved blocks, median; peer = transformers GPT2LMHeadModel (sdpa)")
-    emit("shakespeare_char_tokens_per_s", round(12 * 64 / a * 1000), "tokens/s", peer=round(12 * 64 / b * 1000),
-         ratio=round(b / a, 3), config="nanoGPT baby, batch 12 x 64", dtype="fp32")
+    models = {  # figure prefix -> (config, peer)
+        "shakespeare_char": (lmforge.GPTConfig(vocab_size=train.vocab_size, **BABY), "GPT2LMHeadModel"),
+        "llama_baby": (lmforge.preset("llama-baby", vocab_size=train.vocab_size, n_positions=64), "LlamaForCausalLM"),
+    }
+    for prefix, (config, peer) in models.items():
+        ours, ours_step, hf_step = _steppers(config, "fp32")
+        g = torch.Generator().manual_seed(0)
+        batches = [train.random_batch(12, 64, g) for _ in range(args.speed_block)]
+        ours_t, hf_t = [], []
+        _timed(ours_step, batches[:5]), _timed(hf_step, batches[:5])  # warm-up
+        for _ in range(args.speed_rounds):
+            ours_t += _timed(ours_step, batches)
+            hf_t += _timed(hf_step, batches)
+        a, b = statistics.median(ours_t) * 1000, statistics.median(hf_t) * 1000
+        shape = f"{config.n_layer}x{config.n_head}x{config.n_embd}"
+        emit(f"{prefix}_ms_per_iter", round(a, 2), "ms", peer=round(b, 2), ratio=round(b / a, 3),
+             config=f"{prefix} {shape}, block 64, batch 12", dtype="fp32", iterations=len(ours_t),
+             note=f"forward+backward+clip+AdamW, interleaved blocks, median; peer = transformers {peer} (sdpa)")
+        emit(f"{prefix}_tokens_per_s", round(12 * 64 / a * 1000), "tokens/s", peer=round(12 * 64 / b * 1000),
+             ratio=round(b / a, 3), config=f"{prefix} {shape}, batch 12 x 64", dtype="fp32")
 
 
 def phase_gpt2(args, workdir: Path) -> None:
+    import lmforge
     from lmforge.training import matmul_peak_flops
 
     shape = dict(n_layer=12, n_head=12, n_embd=768, n_positions=args.gpt2_block, embd_pdrop=0.0, attn_pdrop=0.0,
                  resid_pdrop=0.0)  # dropout 0 in both, as _hf_model builds the peer
     vocab = 50304
     for dtype in ("fp32", "bf16"):
-        ours, ours_step, hf_step = _steppers(vocab, shape, dtype)
+        ours, ours_step, hf_step = _steppers(lmforge.GPTConfig(vocab_size=vocab, **shape), dtype)
         g = torch.Generator().manual_seed(0)
         batches = [(torch.randint(0, vocab, (args.gpt2_batch, args.gpt2_block), generator=g),) * 2
                    for _ in range(args.gpt2_steps)]
