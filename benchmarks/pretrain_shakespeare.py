@@ -307,13 +307,35 @@ def phase_gpt2(args, workdir: Path) -> None:
              peer=round(flops * tokens / b / peak, 4), ratio=round(b / a, 3), **cond)
 
 
-PHASES = {"quality": phase_quality, "speed": phase_speed, "gpt2": phase_gpt2}
+def phase_llama(args, workdir: Path) -> None:
+    """llama-baby (the Llama block at the baby GPT's 4 x 4 x 128) and nanoGPT's baby GPT trained with the
+    same settings and seeds in the same run: full validation loss of each."""
+    import lmforge
+
+    data = prepared(workdir)
+    train, val = lmforge.TokenDataset(data, "train"), lmforge.TokenDataset(data, "val")
+    llama = {k: v for k, v in lmforge.PRESETS["llama-baby"].items() if k not in BABY}
+    archs = {"baby_gpt": dict(activation="gelu", bias=False), "llama_baby": llama}
+    losses = {name: [] for name in archs}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name, arch in archs.items():
+            _, full, ms, _ = _quality_run(train, val, arch, seed, workdir / f"{name}-{seed}", args.iters)
+            losses[name].append(full)
+            emit(f"{name}_full_val_loss", round(full, 4), "nats/char", seed=seed, iterations=args.iters,
+                 ms_per_iter=round(ms, 2), config=f"{name} 4x4x128, block 64, batch 12, nanoGPT's settings")
+    a, b = statistics.median(losses["llama_baby"]), statistics.median(losses["baby_gpt"])
+    emit("llama_baby_full_val_loss_median", round(a, 4), "nats/char", peer=round(b, 4), ratio=round(b / a, 4),
+         note="peer = nanoGPT's baby GPT (erf GELU, no biases), same settings and seeds, same run")
+
+
+PHASES = {"quality": phase_quality, "speed": phase_speed, "gpt2": phase_gpt2, "llama": phase_llama}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: few iterations, short timings")
-    p.add_argument("--phases", default="quality,speed,gpt2")
+    p.add_argument("--phases", default="quality,speed,gpt2",
+                   help="comma-separated: quality, speed, gpt2, llama (llama-baby's val loss beside the baby GPT's)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, default=2000)
