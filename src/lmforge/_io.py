@@ -1,7 +1,7 @@
 """Atomic file writes: write to a temp file in the same folder, fsync, rename.
 
 A reader therefore sees either the old file or the complete new one, never a half-written file,
-even when the writing process is killed.
+even when the writing process is killed. Also the one reader of optional JSON side files.
 """
 
 from __future__ import annotations
@@ -57,3 +57,17 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path`, {} when the file does not exist; `error` (naming the file and the
+    fix) when it is not valid JSON or not an object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 from torch import nn
 
-from lmforge._io import write_atomic, write_json_atomic
+from lmforge._io import read_json_object, write_atomic, write_json_atomic
 from lmforge.config import GPTConfig
 from lmforge.device import resolve_device, resolve_dtype
 from lmforge.errors import CheckpointError, ConfigError
@@ -395,15 +395,7 @@ def load_generation_defaults(directory: str | os.PathLike) -> dict[str, Any]:
     """The generation settings a checkpoint's generation_config.json sets, under GenerationConfig's
     names (eos_token_id may be a list, e.g. Llama 3's <|end_of_text|> and <|eot_id|>); {} without
     the file. transformers applies them to every generate() call that leaves them unset."""
-    path = Path(directory) / GENERATION_CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    d = read_json_object(Path(directory) / GENERATION_CONFIG_NAME, CheckpointError)
     return {k: d[k] for k in GENERATION_KEYS if d.get(k) is not None}
 
 

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge._io import write_json_atomic, write_text_atomic
+from lmforge._io import read_json_object, write_json_atomic, write_text_atomic
 from lmforge.char_tokenizer import CharTokenizer
 from lmforge.chat_template import CHAT_TEMPLATE_FILE, read_chat_template
 from lmforge.corpus import Errors, TextSource, iter_source
@@ -368,7 +368,7 @@ def _load_bpe(directory: Path, file: Path | None) -> Tokenizer:
     else:
         tok = Tokenizer.from_file(file, **special)
     tok.chat_template = read_chat_template(directory)
-    model_type = _read_json(directory / "config.json").get("model_type")
+    model_type = read_json_object(directory / "config.json", DataError).get("model_type")
     return tok._follow_config(config, model_type, from_json=file is not None)
 
 
@@ -377,24 +377,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
     tokens given as AddedToken objects become their text."""
     out: dict[str, Any] = {}
     for name in (SPECIAL_TOKENS_FILE, CONFIG_FILE):
-        out.update(_read_json(directory / name))
+        out.update(read_json_object(directory / name, DataError))
     for role in ROLES:
         if isinstance(out.get(role), dict):
             out[role] = out[role].get("content")
     return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; {} when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return spec
 
 
 def _llama_sentencepiece_pipeline(backend: Any, config: dict[str, Any]) -> None:
