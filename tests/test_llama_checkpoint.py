@@ -48,7 +48,11 @@ def hf_model(name, seed=0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(name, **overrides)).eval()
+    return randomise_norms_and_biases(AutoModelForCausalLM.from_config(hf_config(name, **overrides)).eval())
+
+
+def randomise_norms_and_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers starts norms at 1 and biases at 0, which would hide a mix-up of them."""
     with torch.no_grad():
         for key, p in model.named_parameters():
             if key.endswith("norm.weight"):

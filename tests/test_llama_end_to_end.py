@@ -7,7 +7,6 @@ test_llama_checkpoint.py's variants (GQA Llama, Qwen3 with its own head_dim and 
 from __future__ import annotations
 
 import json
-import threading
 import warnings
 
 import pytest
@@ -16,28 +15,17 @@ import torch
 import lmforge
 from lmforge import evaluation, metrics
 from lmforge.cli import main
-from lmforge.serve import Engine, EngineConfig, Output, SamplingParams
+from lmforge.serve import Engine, EngineConfig, SamplingParams
 from lmforge.tasks import pipeline
 from lmforge.tasks.classification import GPTForSequenceClassification
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.checkpointing import RunDir
 
 from test_generation import hf_generate, padded_batch
-from test_llama_checkpoint import BASE, hf_config, hf_model
-from test_serve_engine import CASES, PROMPTS, TOK, reference, tokens
+from test_llama_checkpoint import BASE, hf_config, hf_model, randomise_norms_and_biases
+from test_serve_engine import CASES, PROMPTS, TOK, collectors, reference, tokens
 
 pytest.importorskip("transformers")
-
-
-def randomise_norms_and_biases(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers starts norms at 1 and biases at 0, which would hide a mix-up of them."""
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith("norm.weight"):
-                p.normal_(1.0, 0.2)
-            elif key.endswith(".bias"):
-                p.normal_(0.0, 0.2)
-    return model
 
 
 # ---- generation on left-padded batches ---------------------------------------------------------------
@@ -126,16 +114,7 @@ def test_engine_gives_each_concurrent_request_the_tokens_of_generate(name):
     cases = ["greedy", "seeded sampling with top-k and top-p", "plain sampling", "repetition penalty, sampled"]
     jobs = [(case, prompt, 20 + 5 * (i % 3)) for i, (case, prompt) in enumerate(
         (case, prompt) for case in cases for prompt in PROMPTS)]
-    results: dict[int, list[Output]] = {i: [] for i in range(len(jobs))}
-    done = threading.Semaphore(0)
-
-    def collector(i: int):
-        def collect(output: Output) -> None:
-            assert output.error is None, output.error
-            results[i].append(output)
-            if output.finish_reason is not None:
-                done.release()
-        return collect
+    results, done, collector = collectors(len(jobs))
 
     engine = Engine(model, TOK, EngineConfig(max_batch_size=4)).start()
     try:

@@ -52,6 +52,23 @@ def reference(model, prompt: list[int], max_tokens: int, **options) -> list[int]
     return new
 
 
+def collectors(n: int):
+    """Event lists for n submissions, a semaphore released once per finished one, and collector(i)
+    making submission i's callback."""
+    results: dict[int, list[Output]] = {i: [] for i in range(n)}
+    done = threading.Semaphore(0)
+
+    def collector(i: int):
+        def collect(output: Output) -> None:
+            assert output.error is None, output.error
+            results[i].append(output)
+            if output.finish_reason is not None:
+                done.release()
+        return collect
+
+    return results, done, collector
+
+
 def tokens(events: list[Output]) -> list[int]:
     return [e.token_id for e in events]
 
@@ -81,16 +98,7 @@ PROMPTS = [TOK.encode(text) for text in ("Hello there", "a", "The same tokens bo
 def test_each_request_gives_the_tokens_of_generate_even_batched_together(model, engine):
     """All cases x prompts run at once in the engine (several rows per step, joining at different times)."""
     jobs = [(name, prompt) for name in CASES for prompt in PROMPTS]
-    results: dict[int, list[Output]] = {i: [] for i in range(len(jobs))}
-    done = threading.Semaphore(0)
-
-    def collector(i: int):
-        def collect(output: Output) -> None:
-            assert output.error is None, output.error
-            results[i].append(output)
-            if output.finish_reason is not None:
-                done.release()
-        return collect
+    results, done, collector = collectors(len(jobs))
 
     for i, (name, prompt) in enumerate(jobs):
         params = SamplingParams(max_tokens=25 + 5 * (i % 3), ignore_eos=True, **CASES[name][0])
