@@ -1,9 +1,11 @@
-"""The GPT-2 Transformer, written from the equations.
+"""The decoder-only Transformer (GPT-2 and the Llama family, configured), written from the equations.
 
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
     MultiHead(X)       = Concat(head_1, ..., head_h) W^O,   head_i = Attention(X W_i^Q, X W_i^K, X W_i^V)
 
-A block is pre-LayerNorm: x = x + Attn(LN_1(x)); x = x + MLP(LN_2(x)). One forward path for every
+A block is pre-norm: x = x + Attn(Norm_1(x)); x = x + MLP(Norm_2(x)), with LayerNorm, learned positions
+and a GELU MLP (GPT-2) or RMSNorm, rotary positions and SwiGLU with grouped-query attention (Llama,
+Qwen, Mistral), as GPTConfig says. One forward path for every
 use (training, prefill, batched decoding, generation's static-shape step); for one token of one
 sequence, each module also states its equations on (C,) vectors (row_step), since at batch 1 every
 operation besides the weight products costs more than its arithmetic. Parameter names are lmforge's
@@ -56,7 +58,7 @@ def attention_reference(
 
 
 class KVCache:
-    """Preallocated keys and values of every layer: (n_layer, B, H, max_length, D).
+    """Preallocated keys and values of every layer: (n_layer, B, n_kv_head, max_length, D).
 
     Decoding writes each step's keys/values in place, so neither the prompt nor the cache is
     recomputed or reallocated per step. `length` counts the positions filled so far.
@@ -454,7 +456,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
 
 
 class GPT(nn.Module):
-    """A GPT-2 family decoder-only Transformer with a language-modelling head."""
+    """A decoder-only Transformer with a language-modelling head: GPT-2 or a Llama-family model."""
 
     def __init__(self, config: GPTConfig, attn_impl: AttentionImpl = "sdpa") -> None:
         super().__init__()
