@@ -217,3 +217,63 @@ def test_group_by_length_flag_trains(tmp_path, sentiment):
     assert main(["finetune", "classify", "--model", "tiny", "--train", str(train), "--val", str(val), "--group-by-length",
                  "--text-field", "review", "--label-field", "y", "--out", str(out), "--max-steps", "3", *TRAIN_FLAGS]) == 0
     assert json.loads((out / "config.json").read_text())["data"]["group_by_length"] is True
+
+
+# ---- SFT on conversations, through the tokenizer's chat template ---------------------------------
+
+CONVERSATION = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+    """A tiny Llama-block model with a Qwen2-style tokenizer (ChatML template, eos <|im_end|>)."""
+    from test_llama_tokenizer import qwen2_style
+
+    from lmforge import GPT, Tokenizer, preset
+
+    directory = tmp_path_factory.mktemp("chatml")
+    qwen2_style(directory)
+    tok = Tokenizer.from_pretrained(directory)
+    torch.manual_seed(0)
+    GPT(preset("llama-baby", vocab_size=tok.vocab_size, bos_token_id=None,
+               eos_token_id=tok.token_to_id("<|im_end|>"))).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+def test_chat_examples_train_only_on_the_assistant_turns(chatml_dir):
+    from lmforge import Tokenizer
+    from lmforge.errors import ConfigError, DataError
+    from lmforge.tasks.sft import encode_chat_example, make_template
+
+    tok = Tokenizer.from_pretrained(chatml_dir)
+    example, cut = encode_chat_example(tok, {"messages": CONVERSATION}, max_length=200)
+    assert cut is None
+    assert example.ids == tok.apply_chat_template(CONVERSATION, return_dict=False)  # as rendered at inference
+    learned = tok.decode([i for i, t in zip(example.ids, example.targets) if t])
+    assert learned == "Hello!<|im_end|>\nSee you.<|im_end|>\n"
+    short, cut = encode_chat_example(tok, {"messages": CONVERSATION}, max_length=len(example.ids) - 4)
+    assert cut == "response" and short.ids == example.ids[: len(example.ids) - 3]
+    assert encode_chat_example(tok, {"messages": CONVERSATION}, max_length=5) == (None, "dropped")
+    with pytest.raises(DataError, match="no assistant turn"):
+        encode_chat_example(tok, {"messages": CONVERSATION[:1]}, 200, "chat.jsonl:3")
+    with pytest.raises(DataError, match="chat.jsonl:4: 'messages' must be"):
+        encode_chat_example(tok, {"messages": [{"role": "user"}]}, 200, "chat.jsonl:4")
+    with pytest.raises(ConfigError, match="--task chat renders rows with the tokenizer's chat template"):
+        make_template("chat", prompt="Q: {q}")
+
+
+def test_sft_task_chat_runs_and_learns_the_assistant_replies(tmp_path, chatml_dir, capsys):
+    from lmforge import load_model
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]}
+            for w in ("yes", "no", "maybe", "never") * 6]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "chat-run"
+    assert main(["finetune", "sft", "--model", str(chatml_dir), "--task", "chat", "--train", str(train),
+                 "--val", str(train), "--eval-batches", "2", "--out", str(out), "--max-steps", "20", *TRAIN_FLAGS]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert val[-1] < val[0]  # the assistant replies are being learned
+    assert load_model(out / "model", device="cpu").config.extra["lmforge_sft"]["task"] == "chat"
+    assert "24 examples" in capsys.readouterr().err

@@ -34,9 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("sft", help="supervised fine-tuning on prompt/response pairs (loss on the response only)")
     _common(s)
-    s.add_argument("--task", required=True, choices=["translation", "summarization", "qa", "custom"],
+    s.add_argument("--task", required=True, choices=["translation", "summarization", "qa", "chat", "custom"],
                    help="picks the template: translation (source, target), summarization (document, summary), "
-                        "qa (context, question, answers), custom (give both templates)")
+                        "qa (context, question, answers), chat (messages, rendered by the tokenizer's chat "
+                        "template; loss on the assistant turns), custom (give both templates)")
     s.add_argument("--prompt-template", default=None, help="override the prompt, with {field} slots, e.g. 'Q: {question}\\nA:'")
     s.add_argument("--response-template", default=None, help="override the response, e.g. ' {answer}' (eos is appended)")
     s.add_argument("--document-field", default=None,

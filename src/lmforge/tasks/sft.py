@@ -82,7 +82,11 @@ TEMPLATES: dict[str, SFTTemplate] = {
     "summarization": SFTTemplate("summarization", "{document}\nTL;DR:", " {summary}", "document"),
     "qa": SFTTemplate("qa", "Context: {context}\nQuestion: {question}\nAnswer:", " {answers[0]}", "context"),
 }
-TASKS = (*TEMPLATES, "custom")
+# "chat": each row's `messages` (a list of {"role", "content"}) rendered by the tokenizer's own chat
+# template; the loss counts the assistant turns only (what the template writes for them, its
+# end-of-turn token included).
+CHAT = SFTTemplate("chat", "{messages}", "{messages}")
+TASKS = (*TEMPLATES, "chat", "custom")
 
 
 def _format(text: str, row: dict[str, Any], where: str) -> str:
@@ -104,6 +108,11 @@ def make_template(task: str, prompt: str | None = None, response: str | None = N
     """A task's template, with any part overridden; "custom" needs prompt and response."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if task == "chat":
+        if prompt is not None or response is not None or document_field is not None:
+            raise ConfigError("--task chat renders rows with the tokenizer's chat template; "
+                              "--prompt-template, --response-template and --document-field do not apply")
+        return CHAT
     if task == "custom":
         if prompt is None or response is None:
             raise ConfigError("--task custom needs --prompt-template and --response-template "
@@ -160,6 +169,8 @@ def encode_example(
     (inputs are ids[:-1]). The prompt and the response are encoded separately, exactly as a
     prompt is encoded at inference, so the model learns to continue the prompt it will be given.
     """
+    if template.task == "chat":
+        return encode_chat_example(tokenizer, row, max_length, where)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no eos token; SFT appends eos to every response")
@@ -190,6 +201,41 @@ def encode_example(
         cut = "response"
     ids = prompt_ids + response_ids
     return SFTExample(ids, [False] * len(prompt_ids) + [True] * len(response_ids)), cut
+
+
+def encode_chat_example(
+    tokenizer: Any, row: dict[str, Any], max_length: int, where: str = "input",
+) -> tuple[SFTExample | None, str | None]:
+    """A conversation rendered by the tokenizer's chat template, as at inference; targets mark what
+    the template writes for each assistant turn: the ids between the conversation up to that turn
+    rendered with the generation prompt and the conversation through that turn. Too long: the end is
+    cut ("response"); nothing of an assistant turn left: dropped."""
+    messages = row.get("messages")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                        "objects with string values")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; add one or drop the row")
+
+    def render(turns: list[dict[str, Any]], prompt: bool = False) -> list[int]:
+        return list(tokenizer.apply_chat_template(turns, add_generation_prompt=prompt, return_dict=False))
+
+    ids = render(messages)
+    targets = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            raise DataError(f"{where}: the chat template does not render this conversation's turns as prefixes of "
+                            "each other, so the assistant tokens cannot be found; use --task custom instead")
+        targets[len(before): len(through)] = [True] * (len(through) - len(before))
+    if len(ids) <= max_length + 1:
+        return SFTExample(ids, targets), None
+    ids, targets = ids[: max_length + 1], targets[: max_length + 1]
+    return (SFTExample(ids, targets), "response") if any(targets[1:]) else (None, "dropped")
 
 
 def build_sft_examples(
