@@ -190,7 +190,7 @@ def test_unsupported_rope_scaling_is_named_with_the_supported_ones(rope):
 def test_other_rope_settings_lmforge_cannot_run_are_refused():
     with pytest.raises(ConfigError, match="partial_rotary_factor=0.5"):
         GPTConfig.from_hf_dict({"model_type": "llama", **BASE, "partial_rotary_factor": 0.5})
-    with pytest.raises(ConfigError, match="needs factor, low_freq_factor, high_freq_factor; missing high_freq_factor"):
+    with pytest.raises(ConfigError, match="needs factor, low_freq_factor, high_freq_factor, original_max_position_embeddings; missing high_freq_factor"):
         GPTConfig.from_hf_dict({"model_type": "llama", **BASE,
                                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}})
     with pytest.raises(ConfigError, match="per-layer-type RoPE is not supported"):

@@ -306,7 +306,7 @@ def test_grouped_query_attention_caches_only_the_key_value_heads():
 def test_llama_config_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="multiple of n_kv_head"):
         preset("llama-baby", n_kv_head=3)
-    with pytest.raises(ConfigError, match="'yarn' is not supported; lmforge supports default, linear, llama3"):
+    with pytest.raises(ConfigError, match="'yarn' is not supported; lmforge supports 'default', 'linear', 'llama3'"):
         preset("llama-baby", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ConfigError, match="needs factor, low_freq_factor"):
         preset("llama-baby", rope_scaling={"rope_type": "llama3", "factor": 4.0})

@@ -99,7 +99,7 @@ class GPTConfig:
                 raise ConfigError(f"GPTConfig: rotary positions need an even head_dim, got {self.head_dim}")
             if not self.rope_theta > 0:
                 raise ConfigError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-            rope_frequencies_check(self.rope_scaling)
+            check_rope_scaling(self.rope_scaling)
         if self.head_size is None and self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -214,20 +214,22 @@ def _check_known_keys(d: dict[str, Any], where: str) -> None:
     check_known_fields(GPTConfig, d, f"{where}: unknown key")
 
 
-def rope_frequencies_check(scaling: dict[str, Any] | None) -> None:
-    """Refuse a rope_scaling lmforge does not implement, naming it and the supported ones."""
+def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    """Refuse a rope_scaling lmforge does not implement (naming it and the supported ones) or one
+    missing a key its type needs."""
     if scaling is None:
         return
     if not isinstance(scaling, dict):
         raise ConfigError(f"GPTConfig.rope_scaling must be a dict like Hugging Face's, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_SCALINGS:
-        raise ConfigError(f"rope scaling type {kind!r} is not supported; lmforge supports {', '.join(ROPE_SCALINGS)}")
+        raise ConfigError(f"rope scaling type {kind!r} is not supported; lmforge supports "
+                          f"{', '.join(repr(t) for t in ROPE_SCALINGS)}")
     needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                  "original_max_position_embeddings")}.get(kind, ())
     missing = [k for k in needed if k not in scaling]
     if missing:
-        raise ConfigError(f"rope_scaling of type {kind!r} needs {', '.join(needed)}; missing {', '.join(missing)}")
+        raise ConfigError(f"rope scaling type {kind!r} needs {', '.join(needed)}; missing {', '.join(missing)}")
 
 
 def _divisors(n: int) -> list[int]:

@@ -19,9 +19,6 @@ import torch
 
 from lmforge.errors import CheckpointError, ConfigError
 
-# RoPE scaling types lmforge implements (transformers' rope_type names).
-ROPE_TYPES = ("default", "linear", "llama3")
-
 # GPTConfig fields every Llama-family config has: RMSNorm, rotary positions, a gated MLP, no
 # biases unless a type or config.json adds them (qkv_bias, ...), no embedding or residual dropout.
 LLAMA_BLOCK = dict(norm="rmsnorm", positions="rope", mlp="gated", bias=False, embd_pdrop=0.0, resid_pdrop=0.0)
@@ -190,9 +187,6 @@ def rope_from_hf(d: dict[str, Any], max_positions: int, source: str) -> tuple[fl
                           f"RoPE is not supported)")
     theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise ConfigError(f"{source}: rope scaling type {kind!r} is not supported; lmforge supports "
-                          f"{', '.join(repr(t) for t in ROPE_TYPES)}")
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor={partial} (RoPE on part of each head) is not supported")
@@ -202,11 +196,7 @@ def rope_from_hf(d: dict[str, Any], max_positions: int, source: str) -> tuple[fl
                                      if k not in ("type", "rope_type", "rope_theta", "partial_rotary_factor")}}
     if kind == "llama3":
         scaling.setdefault("original_max_position_embeddings", max_positions)
-    needed = ("factor", "low_freq_factor", "high_freq_factor") if kind == "llama3" else ("factor",)
-    missing = [k for k in needed if k not in scaling]
-    if missing:
-        raise ConfigError(f"{source}: rope scaling type {kind!r} needs {', '.join(needed)}; missing {', '.join(missing)}")
-    return theta, scaling
+    return theta, scaling  # GPTConfig refuses a type or keys lmforge cannot run
 
 
 def window_from_hf(known: dict[str, Any], kind: ModelType, source: str) -> int | None:
