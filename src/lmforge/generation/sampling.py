@@ -24,8 +24,8 @@ _NEG_INF = float("-inf")
 def apply_logit_bias(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
     """Add bias[token] to each listed token's score (OpenAI's logit_bias: -100 bans, +100 forces)."""
     vocab = scores.size(-1)
-    if any(not 0 <= t < vocab for t in bias):
-        bad = next(t for t in bias if not 0 <= t < vocab)
+    bad = next((t for t in bias if not 0 <= t < vocab), None)
+    if bad is not None:
         raise ValueError(f"logit_bias token id {bad} is outside the vocabulary 0..{vocab - 1}")
     ids = torch.tensor(list(bias), device=scores.device)
     out = scores.clone()
