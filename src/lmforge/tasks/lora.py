@@ -78,8 +78,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, x_in, n_out = self.base(x), self.dropout(x), self.base.out_features
         for start, stop, lora_A, lora_B in self.pairs():
-            update = (x_in @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype)  # (.., r) -> (.., stop - start)
-            out = out + F.pad(self.scale * update, (start, n_out - stop))  # zero outside the part's rows
+            update = self.scale * ((x_in @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype))  # (.., stop - start)
+            if stop - start != n_out:
+                update = F.pad(update, (start, n_out - stop))  # zero outside the part's rows
+            out = out + update
         return out
 
     def delta_weight(self) -> torch.Tensor:
