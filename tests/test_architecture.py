@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 # and checkpoint work on any model object (as transformers' GenerationMixin does), so the model can
 # offer generate / from_pretrained / save_pretrained with plain imports.
 LAYERS = {
-    "errors": 0, "_io": 0, "device": 0,
-    "config": 1, "families": 1,
+    "errors": 0, "_io": 0, "device": 0, "kernels": 0,
+    "config": 1, "families": 1, "quantize": 1,
     "corpus": 2, "checkpoint": 2, "tokenizer_base": 2, "tokenizer": 2, "chat_template": 2, "char_tokenizer": 2, "data": 2, "generation": 2,
     "model": 3,
     "training": 4,

@@ -49,7 +49,7 @@ def base_dir(tmp_path):
 def test_classify_learns_saves_best_and_evaluate_loads_it(tmp_path, sentiment, capsys):
     train, val = sentiment
     out = tmp_path / "run"
-    assert main(["finetune", "classify", "--model", "tiny", "--train", str(train), "--val", str(val),
+    assert main(["finetune", "classify", "--preset", "tiny", "--train", str(train), "--val", str(val),
                  "--text-field", "review", "--label-field", "y", "--class-weights", "balanced",
                  "--out", str(out), "--max-steps", "30", *TRAIN_FLAGS]) == 0
     printed = capsys.readouterr()
@@ -73,7 +73,7 @@ def test_classify_learns_saves_best_and_evaluate_loads_it(tmp_path, sentiment, c
 def test_classify_bad_inputs_exit_2_with_file_and_line(tmp_path, sentiment, capsys):
     train, val = sentiment
     bad_val = write_jsonl(tmp_path / "bad.jsonl", [{"review": "x", "y": "positive"}, {"review": "y", "y": "neutral"}])
-    common = ["finetune", "classify", "--model", "tiny", "--train", str(train), "--text-field", "review",
+    common = ["finetune", "classify", "--preset", "tiny", "--train", str(train), "--text-field", "review",
               "--label-field", "y", "--out", str(tmp_path / "r"), "--max-steps", "1", *TRAIN_FLAGS]
     assert main(common + ["--val", str(bad_val)]) == 2
     assert "bad.jsonl:2: label 'neutral' does not occur in the training data" in capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_sst2_short_finetune_on_real_data(tmp_path, shared_data):
     train = _head(shared_data / "sst2" / "train.jsonl", tmp_path / "train.jsonl", 64)
     val = _head(shared_data / "sst2" / "validation.jsonl", tmp_path / "val.jsonl", 64)
     out = tmp_path / "sst2"
-    assert main(["finetune", "classify", "--model", "tiny", "--train", str(train), "--val", str(val),
+    assert main(["finetune", "classify", "--preset", "tiny", "--train", str(train), "--val", str(val),
                  "--out", str(out), "--max-steps", "4", "--max-length", "64", *TRAIN_FLAGS]) == 0
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["id2label"] == {"0": "negative", "1": "positive"}
@@ -164,7 +164,7 @@ def test_sft_on_real_data(tmp_path, shared_data, task, name):
     train = _head(shared_data / name / "train.jsonl", tmp_path / "train.jsonl", 16)
     val = _head(shared_data / name / "validation.jsonl", tmp_path / "val.jsonl", 8)
     out = tmp_path / name
-    assert main(["finetune", "sft", "--model", "tiny", "--task", task, "--train", str(train), "--val", str(val),
+    assert main(["finetune", "sft", "--preset", "tiny", "--task", task, "--train", str(train), "--val", str(val),
                  "--eval-batches", "1", "--out", str(out), "--max-steps", "2", *TRAIN_FLAGS]) == 0
     assert (out / "model" / "model.safetensors").is_file()
 
@@ -176,7 +176,7 @@ def test_sst2_longer_run_full_validation(tmp_path, shared_data):
     on CPU; a pretrained base is what makes accuracy meaningful.)"""
     train = _head(shared_data / "sst2" / "train.jsonl", tmp_path / "train.jsonl", 4000)
     out = tmp_path / "sst2"
-    assert main(["finetune", "classify", "--model", "tiny", "--train", str(train),
+    assert main(["finetune", "classify", "--preset", "tiny", "--train", str(train),
                  "--val", str(shared_data / "sst2" / "validation.jsonl"), "--out", str(out), "--max-steps", "300",
                  "--max-length", "128", "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "20",
                  "--eval-interval", "100", "--no-progress", "--device", "auto", "--no-plot"]) == 0
@@ -214,7 +214,7 @@ def test_group_by_length_batches_similar_lengths_and_resumes():
 def test_group_by_length_flag_trains(tmp_path, sentiment):
     train, val = sentiment
     out = tmp_path / "run"
-    assert main(["finetune", "classify", "--model", "tiny", "--train", str(train), "--val", str(val), "--group-by-length",
+    assert main(["finetune", "classify", "--preset", "tiny", "--train", str(train), "--val", str(val), "--group-by-length",
                  "--text-field", "review", "--label-field", "y", "--out", str(out), "--max-steps", "3", *TRAIN_FLAGS]) == 0
     assert json.loads((out / "config.json").read_text())["data"]["group_by_length"] is True
 

@@ -45,7 +45,7 @@ def run(capsys, *argv):
 def test_single_class_train_set(tmp_path, capsys):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"good {i}", "label": "positive"} for i in range(6)])
     out = tmp_path / "run"
-    code, err = run(capsys, "finetune", "classify", "--model", "tiny", "--train", str(train), "--out", str(out), *FLAGS)
+    code, err = run(capsys, "finetune", "classify", "--preset", "tiny", "--train", str(train), "--out", str(out), *FLAGS)
     assert code == 2 and "every example has label 'positive'" in err and "two labels or more" in err
     assert untouched(out)
 

@@ -446,3 +446,18 @@ def test_generate_chat_wraps_the_prompt_and_stops_at_the_end_of_turn(built, monk
     assert seen["ids"] == [tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)]
     assert set(seen["eos"]) == {tok.token_to_id("<|im_end|>"), tok.eos_token_id}
     assert "user\nHi there\nassistant\n" in capsys.readouterr().out  # the specials are not printed
+
+
+def test_encode_pair_starts_from_bos_once_as_the_evaluation_harness(built):
+    # lm-evaluation-harness (add_bos_token unset) keeps the tokenizer's bos before the context, and
+    # an empty context is the start token alone, the continuation after it without a second bos.
+    from lmforge import evaluation
+
+    _, tok, _ = built("llama3")
+    bos = tok.bos_token_id
+    context, continuation = evaluation.encode_pair(tok, "The capital of France is", " Paris")
+    assert context[0] == bos and context.count(bos) == 1
+    assert context + continuation == tok.encode("The capital of France is Paris")
+    assert evaluation.encode_pair(tok, "", " Paris") == ([bos], tok.encode(" Paris", add_special_tokens=False))
+    _, qwen, _ = built("qwen2")  # no bos: eos starts an empty context
+    assert evaluation.encode_pair(qwen, "", " Paris") == ([qwen.eos_token_id], qwen.encode(" Paris"))

@@ -176,16 +176,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("tied", [True, False])
-def test_optimize_for_decoding_moves_weights_column_major_and_changes_nothing_else(tied, tmp_path):
+def test_optimize_for_decoding_lays_weights_out_for_the_kernels_and_changes_nothing_else(tied, kernels, tmp_path,
+                                                                                       monkeypatch):
+    # With lmforge.kernels: row-major (what they stream); without: MKL's faster fp32 column-major.
+    monkeypatch.setattr("lmforge.model.kernels_available", lambda: kernels)
     model, plain = tiny(tie_word_embeddings=tied), tiny(tie_word_embeddings=tied)
+    model.transformer.h[0].mlp.c_fc.weight.data = model.transformer.h[0].mlp.c_fc.weight.data.t().contiguous().t()
     ids, mask, positions = left_padded_batch()
     storage = {p.untyped_storage().nbytes() for p in model.parameters()}
     assert model.optimize_for_decoding() is model
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for m in linears:
         rows, cols = m.weight.shape
-        assert m.weight.stride() == (1, rows) and m.weight.t().is_contiguous()
+        if kernels:
+            assert m.weight.is_contiguous()
+        else:
+            assert m.weight.stride() == (1, rows) and m.weight.t().is_contiguous()
     assert (model.lm_head.weight is model.transformer.wte.weight) == tied
     assert {p.untyped_storage().nbytes() for p in model.parameters()} == storage  # no extra copy kept
     with torch.no_grad():

@@ -352,8 +352,9 @@ def test_best_checkpoint_follows_the_metric(dataset, tmp_path):
     assert r.best_dir == tmp_path / "run" / "best"
     bests = [e for e in RunDir(tmp_path / "run").read_metrics() if e.get("event") == "best"]
     assert bests and all(b["val_loss"] > a["val_loss"] for b, a in zip(bests, bests[1:]))
-    with pytest.raises(TrainingError, match="best_metric 'accuracy'"):
-        make_trainer(dataset, tmp_path / "other", max_steps=3, eval_interval=3, best_metric="accuracy").train()
+    with pytest.raises(ConfigError, match="best_metric='accuracy'"):  # before training, not at the first evaluation
+        make_trainer(dataset, tmp_path / "other", max_steps=3, eval_interval=3, best_metric="accuracy")
+    assert not (tmp_path / "other").exists()
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------

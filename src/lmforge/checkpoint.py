@@ -9,6 +9,7 @@ shards, hub names, atomic writes and wrapper prefixes. It works on any model by 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,10 +23,13 @@ import torch
 from torch import nn
 
 from lmforge._io import read_json_object, write_atomic, write_json_atomic
-from lmforge.config import GPTConfig
+from lmforge.config import PRESETS, GPTConfig
 from lmforge.device import resolve_device, resolve_dtype
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.families import family_for
+from lmforge.quantize import (
+    QUANTIZATION_CONFIG, check_mode, checkpoint_quantization, is_scale, model_quantization, quantize_model,
+)
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -71,7 +75,14 @@ def resolve_checkpoint_dir(
     name = str(path_or_name)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise CheckpointError(f"{name}: no such directory (and not a Hugging Face Hub name like 'gpt2' or 'org/model')")
-    return _hub_snapshot(name, revision, require_weights)
+    try:
+        return _hub_snapshot(name, revision, require_weights)
+    except CheckpointError as e:
+        if name not in PRESETS:
+            raise
+        # A model name is a directory or a Hub name, never a preset: random weights are asked for by name.
+        raise CheckpointError(f"{e}. (For random weights of the preset {name!r}, ask for it: --preset {name}, "
+                              f"or preset={name!r} in Python)") from None
 
 
 def _hub_offline() -> bool:
@@ -122,6 +133,9 @@ def _hub_snapshot(name: str, revision: str | None, require_weights: bool = True)
 
 def load_config(directory: str | os.PathLike) -> GPTConfig:
     path = Path(directory) / CONFIG_NAME
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a file; a checkpoint directory needs the config.json "
+                              f"file next to its weights")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs config.json next to its weights")
     try:
@@ -180,6 +194,9 @@ def find_weights(directory: str | os.PathLike) -> tuple[Path, list[Path], list[s
     directory = Path(directory)
     for name in WEIGHT_FILES:
         path = directory / name
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory, not a weight file; remove or rename it (weights are "
+                                  f"one of {', '.join(WEIGHT_FILES)})")
         if not path.is_file():
             continue
         if not name.endswith(".index.json"):
@@ -189,11 +206,28 @@ def find_weights(directory: str | os.PathLike) -> tuple[Path, list[Path], list[s
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map' object): {e}") from None
-        return path, [directory / shard for shard in shards], list(weight_map)
+        return path, [_shard_inside(directory, path, weight_map, shard) for shard in shards], list(weight_map)
     present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     raise CheckpointError(
         f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (found: {', '.join(present) or 'nothing'})"
     )
+
+
+def _shard_inside(directory: Path, index: Path, weight_map: dict[str, Any], shard: Any) -> Path:
+    """The shard file an index entry names, refused unless it lies inside the checkpoint folder: a
+    downloaded index must not make the loader read `../x` or `/etc/passwd`. A symlink may lead to
+    the blob store of a Hub cache snapshot (snapshots/REV/f -> ../../blobs/HASH), nowhere else."""
+    entry = next((k for k, v in weight_map.items() if v == shard), shard)
+    if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in Path(shard).parts:
+        raise CheckpointError(f"{index}: weight_map entry {entry!r} -> {shard!r} is not a file name inside "
+                              f"{directory}; refusing to read it (the index is corrupt or malicious)")
+    target = (directory / shard).resolve()
+    root = directory.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise CheckpointError(f"{index}: weight_map entry {entry!r} -> {shard!r} leads outside {directory} "
+                              f"(to {target}); refusing to read it")
+    return directory / shard
 
 
 def _check_listed(source: Path, listed: list[str] | None, read: Iterable[str]) -> None:
@@ -280,13 +314,26 @@ def lmforge_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict transformers expects for this model (its family's names and layouts), on the CPU."""
     model = _unwrap(model)
     state = {_strip_prefixes(k): t.detach() for k, t in model.state_dict().items()}
-    hf = family_for(model.config.family).state_to_hf(state, model.config)
+    config = saved_config(model)
+    hf = family_for(config.family).state_to_hf(state, config)
     return {k: t.contiguous().cpu() for k, t in hf.items()}
 
 
+def saved_config(model: nn.Module) -> GPTConfig:
+    """The model's config as a checkpoint records it: with config.json's "quantization_config" exactly
+    when the model is quantized (lmforge.quantize), which also tells the family to store the LM head."""
+    model = _unwrap(model)
+    config = model.config
+    extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
+    if model_quantization(model) is not None:
+        extra["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    return config if extra == config.extra else dataclasses.replace(config, extra=extra)
+
+
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
-    """The floating-point dtype a checkpoint was saved in (that of its first floating-point tensor)."""
-    return next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    """The floating-point dtype a checkpoint was saved in (that of its first floating-point tensor;
+    quantization scales, always fp32, do not count)."""
+    return next((t.dtype for k, t in state.items() if t.is_floating_point() and not is_scale(k)), None)
 
 
 def _few(keys: list[str], n: int = 6) -> str:
@@ -313,7 +360,8 @@ def copy_state(
     or only a warning with unexpected="warn". Nothing is changed unless everything fits.
     assign=False copies in place: the model keeps its Parameters, device and dtype (an optimizer built
     over them stays valid). assign=True puts the tensors in (for a model built on the meta device),
-    moved to `device` and floating-point ones cast to `dtype`, and ties tied weights again.
+    moved to `device` and floating-point ones cast to `dtype` (quantization scales stay fp32), and
+    ties tied weights again.
     Errors are CheckpointErrors naming `source`, the tensor and what the model's config implies;
     `hint` (what to check) is appended.
     """
@@ -346,7 +394,8 @@ def copy_state(
     tensors = {}
     for key in present:
         t = state[key]
-        tensors[key] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        cast = dtype is not None and t.is_floating_point() and not is_scale(key)
+        tensors[key] = t.to(device=device, dtype=dtype if cast else t.dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     for alias, key in ties.items():  # assign replaced the Parameter the alias shared: share the new one
         if alias != key:
@@ -405,24 +454,37 @@ def load_pretrained(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "auto",
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> Any:
     """`model_class(config)` with the weights of a checkpoint: a local directory or a Hub name ("gpt2").
 
     dtype: None keeps the checkpoint's dtype; "bf16", "fp16", "fp32" (or torch dtypes) convert.
+    quantize: "int8" quantizes the linear layers once loaded (lmforge.quantize). A checkpoint saved
+    quantized (config.json's quantization_config) loads quantized either way, its int8 weights
+    streamed like any others; one of another quantization scheme is refused.
     The model is built on the meta device (no random init of weights about to be replaced) and
     filled tensor by tensor as the files are read (peak memory: the model plus a few tensors). It
     gets `checkpoint_dir` (where tokenizer files may live) and `generation_defaults` (from
     generation_config.json, see load_generation_defaults) and is returned in eval mode. Tensors the
     model does not use are ignored with a warning. Raises CheckpointError naming the file or tensor.
     """
+    if quantize is not None:
+        check_mode(quantize)
     directory = resolve_checkpoint_dir(path_or_name, revision)
     config = load_config(directory)
+    stored = checkpoint_quantization(config, str(directory / CONFIG_NAME))
     generation_defaults = load_generation_defaults(directory)
     source, chunks = stream_state(directory, config)
     with torch.device("meta"):
         model = model_class(config)
-    assign_streamed(model, chunks, source, dtype=resolve_dtype(dtype), device=resolve_device(device),
-                    hint="config.json and the weights are from different models")
+        if stored is not None:  # empty int8 layers, filled from the checkpoint's int8 tensors
+            quantize_model(model, stored)
+    hint = "config.json and the weights are from different models"
+    if stored is not None:
+        hint = f"a quantized checkpoint stores each int8 weight's `<name>_scale` beside it; {hint}"
+    assign_streamed(model, chunks, source, dtype=resolve_dtype(dtype), device=resolve_device(device), hint=hint)
+    if quantize is not None and stored is None:
+        quantize_model(model, quantize)
     model.checkpoint_dir = directory
     model.generation_defaults = generation_defaults
     return model.eval()
@@ -484,8 +546,10 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     model = _unwrap(model)
-    config: GPTConfig = model.config
     directory = Path(directory)
+    config = saved_config(model)
+    if tokenizer is not None:
+        config = with_tokenizer_ids(config, tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
     state = lmforge_to_hf(model)
     metadata = {"format": "pt"}
@@ -506,7 +570,7 @@ def save_pretrained(
         written = set(names) | {SAFE_INDEX}
 
     hf_config = {**config.to_hf_dict(), **(config_updates or {})}
-    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = str(stored_dtype(state) or next(iter(state.values())).dtype).removeprefix("torch.")
     write_json_atomic(directory / CONFIG_NAME, hf_config)
     generation_defaults = getattr(model, "generation_defaults", None)
     if generation_defaults:  # what generation_config.json said when the model was loaded
@@ -517,6 +581,28 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+def with_tokenizer_ids(config: GPTConfig, tokenizer: Any) -> GPTConfig:
+    """The config with the special ids of the tokenizer a model is saved with, so that config.json,
+    generate(), `run` and `serve` agree on where text ends. The tokenizer's eos wins unless the
+    config's eos list already holds it (Llama 3 stops at several ids); a role the tokenizer does not
+    set keeps the config's id. A tokenizer with ids past the model's vocabulary is refused."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {size} ids but the model's vocabulary has {config.vocab_size}: ids "
+            f"{config.vocab_size}..{size - 1} would index past the embedding; save the model with the tokenizer "
+            f"it was trained with")
+    updates: dict[str, Any] = {}
+    for name in ("bos_token_id", "pad_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None and token != getattr(config, name):
+            updates[name] = token
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in config.eos_token_ids:
+        updates["eos_token_id"] = eos
+    return dataclasses.replace(config, **updates) if updates else config
 
 
 # ---- describing ------------------------------------------------------------------------------
@@ -530,6 +616,7 @@ class CheckpointInfo:
     dtypes: list[str]
     size_on_disk: int
     weights_file: str
+    quantization: dict[str, Any] | None = None  # config.json's quantization_config, as written
 
 
 def checkpoint_info(path_or_name: str | os.PathLike, revision: str | None = None) -> CheckpointInfo:
@@ -542,10 +629,11 @@ def checkpoint_info(path_or_name: str | os.PathLike, revision: str | None = None
         shapes.update(_tensor_headers(f))
     name_from_hf = family_for(config.family).name_from_hf
     state_keys = {k: v for k, v in shapes.items() if name_from_hf(_strip_prefixes(k), config) is not None}
-    n_params = sum(_numel(shape) for shape, _ in state_keys.values())
+    n_params = sum(_numel(shape) for k, (shape, _) in state_keys.items() if not is_scale(k))
     dtypes = sorted({dtype for _, dtype in state_keys.values()})
     size = sum(f.stat().st_size for f in files if f.is_file())
-    return CheckpointInfo(directory, config, n_params, dtypes, size, weights.name)
+    return CheckpointInfo(directory, config, n_params, dtypes, size, weights.name,
+                          config.extra.get("quantization_config"))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -556,7 +644,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
-                       "I64": "int64", "I32": "int32", "U8": "uint8", "BOOL": "bool"}
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:

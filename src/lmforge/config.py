@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
+import re
+import types
+import typing
+import warnings
+from collections import abc as collections_abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, TypeVar
 
 from lmforge.errors import ConfigError
 from lmforge.families import FAMILIES, family_for
@@ -22,8 +29,174 @@ MLPS = ("standard", "gated")
 ROPE_SCALINGS = ("default", "linear", "llama3")
 # config.json keys about how transformers ran or saved the model, not about the model.
 HF_RUNTIME_KEYS = ("transformers_version", "dtype", "torch_dtype", "use_cache")
+SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Seeds go to torch.Generator.manual_seed, which takes 64-bit values.
+SEED_RANGE = range(0, 2**64)
+
+C = TypeVar("C")
 
 
+# ---- typed config dataclasses ------------------------------------------------------------------
+
+
+def checked(cls: type[C]) -> type[C]:
+    """Class decorator for a config dataclass (GPTConfig, TrainConfig, GenerationConfig, ...): an
+    unknown keyword fails with a "did you mean", and every field is checked against its annotated
+    type before the class's own __post_init__ checks run, whatever the source (keyword arguments,
+    config.json, a YAML/TOML/JSON file): "false" is not a bool, True is not an int, "1e-3" is not a
+    number. A whole float (1000.0) is taken for an int."""
+    init, post_init = cls.__init__, getattr(cls, "__post_init__", None)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs:
+            check_known_fields(cls, kwargs, f"{cls.__name__}: unknown key")
+        init(self, *args, **kwargs)
+        if post_init is None:  # the dataclass's __init__ calls a __post_init__ only if it had one
+            check_field_types(self)
+
+    def __post_init__(self: Any) -> None:
+        check_field_types(self)
+        post_init(self)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    if post_init is not None:
+        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    return cls
+
+
+@functools.cache
+def _field_checks(cls: type) -> list[tuple[str, Any, Callable[[Any], Any]]]:
+    """(name, annotated type, checker) of each init field of a config dataclass, made once per class."""
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls)
+            if f.init and f.name in hints]
+
+
+def check_field_types(obj: Any) -> None:
+    """ConfigError naming the field, the expected type and the value when a field of the dataclass
+    instance `obj` does not have its annotated type (whole floats for int fields are converted)."""
+    cls = type(obj)
+    for name, tp, check in _field_checks(cls):
+        value = getattr(obj, name)
+        conformed = check(value)
+        if conformed is _WRONG:
+            expected = _describe(tp)
+            if name.endswith("token_id"):
+                expected = expected.replace("a list of integers", "a list of token ids").replace("an integer", "a token id")
+            raise ConfigError(f"{cls.__name__}.{name} must be {expected}, got {_show(value)}")
+        if name == "seed" and conformed is not None and conformed not in SEED_RANGE:
+            raise ConfigError(f"{cls.__name__}.seed must be in 0..{SEED_RANGE.stop - 1} (64 bits), got {conformed}")
+        if conformed is not value:
+            object.__setattr__(obj, name, conformed)
+
+
+_WRONG = object()  # a checker's answer for a value of the wrong type
+
+
+def _checker(tp: Any) -> Callable[[Any], Any]:
+    """A function value -> the value to keep (the same object, or an int for a whole float), or
+    _WRONG when `value` does not have type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return lambda value: value
+    if origin is typing.Union or origin is types.UnionType:
+        options = [_checker(a) for a in args]
+
+        def union(value: Any) -> Any:
+            for check in options:
+                conformed = check(value)
+                if conformed is not _WRONG:
+                    return conformed
+            return _WRONG
+        return union
+    if tp is type(None):
+        return lambda value: value if value is None else _WRONG
+    if tp is bool:
+        return lambda value: value if isinstance(value, bool) else _WRONG
+    if tp is int:
+        def integer(value: Any) -> Any:
+            if isinstance(value, int):
+                return _WRONG if isinstance(value, bool) else value
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                return int(value)
+            return _WRONG
+        return integer
+    if tp is float:
+        return lambda value: value if isinstance(value, (int, float)) and not isinstance(value, bool) else _WRONG
+    if tp is str:
+        return lambda value: value if isinstance(value, str) else _WRONG
+    if origin is Literal:
+        return lambda value: value if any(value == a and type(value) is type(a) for a in args) else _WRONG
+    if origin in (list, tuple, typing.Sequence, collections_abc.Sequence):
+        item = _checker(args[0]) if args else (lambda value: value)
+        return lambda value: (value if isinstance(value, (list, tuple)) and all(item(v) is not _WRONG for v in value)
+                              else _WRONG)
+    if origin is dict or tp is dict:
+        return lambda value: value if isinstance(value, dict) else _WRONG
+    if isinstance(tp, type):
+        return lambda value: value if isinstance(value, tp) else _WRONG
+    return lambda value: value
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (list, tuple, typing.Sequence, collections_abc.Sequence):
+        return f"a list of {_plural(args[0]) if args else 'values'}"
+    names = {type(None): "None", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a mapping"}
+    if origin is dict:
+        return "a mapping"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(tp: Any) -> str:
+    return {int: "integers", str: "strings", float: "numbers"}.get(tp, _describe(tp))
+
+
+def _show(value: Any) -> str:
+    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "a list",
+            dict: "a mapping", type(None): "None"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    shown = f"{text[:60]}..." if len(text) > 60 else text
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "null", "none"):
+        return f"{shown} ({kind}; write it without quotes)"
+    if isinstance(value, str) and _looks_like_number(value):
+        return f"{shown} ({kind}; write the number without quotes)"
+    return f"{shown} ({kind})"
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _GPT2EndOfText(int):
+    """GPT-2's <|endoftext|> id (50256) as the default bos/eos. It means "GPT-2's id, when the
+    vocabulary has it": a config with a smaller vocabulary (a preset with vocab_size=65) has no
+    bos/eos rather than an id past its embedding. Copies and pickles are plain ints."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return int, (int(self),)
+
+    def __repr__(self) -> str:
+        return str(int(self))
+
+
+GPT2_END_OF_TEXT = _GPT2EndOfText(50256)
+
+
+# ---- the model config --------------------------------------------------------------------------
+
+
+@checked
 @dataclass
 class GPTConfig:
     """Hyper-parameters of a decoder-only GPT-2 style Transformer.
@@ -47,9 +220,10 @@ class GPTConfig:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     bias: bool = True
-    bos_token_id: int | None = 50256
+    # GPT-2's <|endoftext|> when the vocabulary has it (see _GPT2EndOfText), else None.
+    bos_token_id: int | None = GPT2_END_OF_TEXT
     # One id or several (as in Hugging Face configs): generation stops at any of them.
-    eos_token_id: int | list[int] | None = 50256
+    eos_token_id: int | list[int] | None = GPT2_END_OF_TEXT
     pad_token_id: int | None = None
     # The Hugging Face model_type of the checkpoint: which lmforge.families module maps names.
     family: str = "gpt2"
@@ -115,8 +289,15 @@ class GPTConfig:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"GPTConfig.{name} must be in [0, 1), got {p!r}")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.eos_token_ids):
-            raise ConfigError(f"GPTConfig.eos_token_id must be a token id, a list of them or None, got {self.eos_token_id!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if isinstance(getattr(self, name), _GPT2EndOfText) and self.vocab_size <= GPT2_END_OF_TEXT:
+                setattr(self, name, None)
+        bad = out_of_vocabulary(self, self.vocab_size)
+        if bad:
+            name, token = bad
+            raise ConfigError(f"GPTConfig.{name} {token} is outside the vocabulary (vocab_size {self.vocab_size}: ids "
+                              f"0..{self.vocab_size - 1}); take the special ids from the tokenizer the model is used with "
+                              f"(tokenizer.{name}) or set None")
         if self.family not in FAMILIES:
             raise ConfigError(f"GPTConfig.family {self.family!r} is not supported; use one of {', '.join(FAMILIES)}")
 
@@ -176,6 +357,7 @@ class GPTConfig:
         kwargs = family.config_from_hf({k: v for k, v in d.items() if k != "model_type" and k not in HF_RUNTIME_KEYS},
                                        source)
         try:
+            _drop_foreign_special_ids(kwargs, source)
             return cls(**kwargs, family=model_type)
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
@@ -200,14 +382,72 @@ class GPTConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+def out_of_vocabulary(ids: Any, vocab_size: int) -> tuple[str, Any] | None:
+    """The first (field, id) among `ids`' bos/eos/pad_token_id (a config object, one id or a list
+    each) that is not a token of a vocabulary of `vocab_size` ids; None when every one is."""
+    for name in SPECIAL_ID_FIELDS:
+        value = getattr(ids, name, None)
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and not (isinstance(token, int) and not isinstance(token, bool)
+                                          and 0 <= token < vocab_size):
+                return name, token
+    return None
+
+
+def _drop_foreign_special_ids(kwargs: dict[str, Any], source: str) -> None:
+    """A config.json written elsewhere may name special ids its vocabulary does not have (pad -1, an
+    eos added to the tokenizer only, GPT-2's 50256 under a small vocabulary): the model is still
+    usable, so such an id is dropped with a warning rather than refused."""
+    vocab = kwargs.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return  # the type check names it
+    for name in SPECIAL_ID_FIELDS:
+        value = kwargs.get(name)
+        ids = value if isinstance(value, list) else [value]
+        if value is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            continue
+        kept = [i for i in ids if 0 <= i < vocab]
+        if len(kept) < len(ids):
+            warnings.warn(f"{source}: {name} {value} is outside the vocabulary (vocab_size {vocab}); ignoring "
+                          f"{'it' if not kept else [i for i in ids if i not in kept]}. Save the model again with its "
+                          f"tokenizer (save_pretrained(dir, tokenizer=...)) to record the right ids", stacklevel=3)
+            kwargs[name] = (kept if isinstance(value, list) else kept[0]) if kept else None
+
+
 def check_known_fields(datacls: type, d: dict[str, Any], unknown: str, known_label: str = "known keys") -> None:
     """Fail on a name that is not a field of `datacls`, with a "did you mean" (typo in a config or option)."""
-    known = [f.name for f in dataclasses.fields(datacls)]
+    known = _init_fields(datacls)
     for key in d:
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             did_you_mean = f"; did you mean {hint[0]!r}?" if hint else f"; {known_label}: {', '.join(known)}"
             raise ConfigError(f"{unknown} {key!r}{did_you_mean}")
+
+
+@functools.cache
+def _init_fields(datacls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(datacls) if f.init]
+
+
+def load_yaml(text: str) -> Any:
+    """YAML with YAML 1.2's numbers: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, so
+    a config file's `lr: 1e-3` would not be a number."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
 
 
 def _check_known_keys(d: dict[str, Any], where: str) -> None:

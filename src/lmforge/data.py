@@ -12,9 +12,10 @@ header then says "split_inside_document": true).
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -22,7 +23,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import numpy as np
 import torch
 
-from lmforge._io import atomic_path, write_json_atomic
+from lmforge._io import directory_lock, fsync_dir, make_dirs, remove_empty_dirs, remove_stale_temps
 from lmforge.corpus import PIECE_CHARS, Errors, Format, expand_files, iter_pieces
 from lmforge.errors import ConfigError, DataError
 from lmforge.char_tokenizer import CharTokenizer
@@ -35,6 +36,7 @@ TOKENIZER_DIR = "tokenizer"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 IGNORE_INDEX = -100  # target value of padding in sequential batches; lm_loss skips it
 _SCAN_TOKENS = 1 << 24  # tokens per step when scanning or copying token files (bounded memory)
+_BUILD_PREFIX = ".tmp-prepare-"  # a dataset is built in OUT/.tmp-prepare-PID, then moved into place
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -67,50 +69,125 @@ def prepare(
     tokenizers library; default 2 pieces of 64K characters per core, at least 16) and appended to
     disk, so memory does not grow with the corpus. Each
     document is followed by the eos token; special-token strings inside documents are encoded as
-    plain text, so eos only ever separates documents. Files are written atomically, the header last.
+    plain text, so eos only ever separates documents. The dataset is built in a hidden folder inside
+    `out` and moved into place at the end, the header last: a failed or killed prepare leaves an
+    earlier dataset in `out` readable, and the next prepare there removes what a killed one left.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
     files = expand_files(data)
     tok = tokenizer if isinstance(tokenizer, TokenizerBase) else Tokenizer.from_pretrained(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
-    eos = tok.eos_token_id
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / HEADER_FILE).unlink(missing_ok=True)  # until the new header is written, no half-new dataset looks valid
-    sizes = [f.stat().st_size for f in files]
     if batch_chars is None:
         batch_chars = PIECE_CHARS * max(16, 2 * (os.cpu_count() or 1))
+    try:
+        created = make_dirs(out)
+    except OSError as e:
+        raise DataError(f"cannot write a dataset to {out}: {e.strerror or e}; choose another --out") from None
+    try:
+        with directory_lock(out, DataError, "prepare"):
+            _remove_stale_builds(out)
+            build = out / f"{_BUILD_PREFIX}{os.getpid()}"
+            build.mkdir()
+            try:
+                header = _build(files, tok, tokenizer, build, val_fraction=val_fraction, field=field, fmt=fmt,
+                                errors=errors, batch_chars=batch_chars, show_progress=show_progress)
+                _swap_in(build, out)
+            except OSError as e:
+                raise DataError(f"could not write the dataset in {out}: {e}; what was there before is unchanged "
+                                f"(free disk space or fix the permissions, then prepare again)") from e
+            finally:
+                shutil.rmtree(build, ignore_errors=True)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
+    return header
+
+
+def _build(files: list[Path], tok: TokenizerBase, given: Any, build: Path, *, val_fraction: float, field: str,
+           fmt: Format, errors: Errors, batch_chars: int, show_progress: bool) -> dict[str, Any]:
+    """Write a complete dataset (token files, tokenizer, header) into the private folder `build`."""
+    dtype = token_dtype(tok.vocab_size)
+    eos = tok.eos_token_id
+    sizes = [f.stat().st_size for f in files]
+    train, val = build / SPLIT_FILES["train"], build / SPLIT_FILES["val"]
+    digest = hashlib.sha256()
 
     from tqdm.auto import tqdm
 
-    with contextlib.ExitStack() as stack:
-        train_tmp = stack.enter_context(atomic_path(out / SPLIT_FILES["train"]))
-        val_tmp = stack.enter_context(atomic_path(out / SPLIT_FILES["val"]))
-        bar = stack.enter_context(tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="prepare", disable=not show_progress))
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="prepare", disable=not show_progress) as bar:
         pieces = iter_pieces(files, field=field, fmt=fmt, errors=errors, piece_chars=PIECE_CHARS, on_bytes=bar.update)
-        with open(train_tmp, "wb") as f:
-            n_tokens, n_docs = _write_tokens(pieces, tok, f, dtype, eos, batch_chars, bar)
-        if n_tokens == 0:
-            raise DataError(f"the inputs hold no text to tokenize ({', '.join(map(str, files[:3]))})")
-        cut = _split_point(train_tmp, dtype, n_tokens, val_fraction, eos)
-        val_docs = _move_tail(train_tmp, val_tmp, dtype, cut, n_tokens, eos)
-        inside = 0 < cut < n_tokens and (eos is None or int(np.fromfile(train_tmp, dtype, 1, offset=(cut - 1) * dtype.itemsize)[0]) != eos)
-
-    tok.save_pretrained(out / TOKENIZER_DIR)
+        with open(train, "wb") as f:
+            n_tokens, n_docs = _write_tokens(pieces, tok, f, dtype, eos, batch_chars, bar, digest)
+    if n_tokens == 0:
+        raise DataError(f"the inputs hold no text to tokenize ({', '.join(map(str, files[:3]))})")
+    cut = _split_point(train, dtype, n_tokens, val_fraction, eos)
+    val_docs = _move_tail(train, val, dtype, cut, n_tokens, eos)
+    inside = 0 < cut < n_tokens and (eos is None or int(np.fromfile(train, dtype, 1, offset=(cut - 1) * dtype.itemsize)[0]) != eos)
+    tok.save_pretrained(build / TOKENIZER_DIR)
     header = {
         "format": FORMAT, "version": VERSION, "dtype": dtype.name, "byteorder": sys.byteorder,
-        "tokens": n_tokens, "documents": n_docs, "split_inside_document": bool(inside),
+        "tokens": n_tokens, "documents": n_docs, "split_inside_document": bool(inside), "tokens_sha256": digest.hexdigest(),
         "splits": {
             "train": {"file": SPLIT_FILES["train"], "tokens": cut, "documents": n_docs - val_docs},
             "val": {"file": SPLIT_FILES["val"], "tokens": n_tokens - cut, "documents": val_docs},
         },
-        "tokenizer": _tokenizer_summary(tok, tokenizer),
-        "inputs": [{"path": str(f), "bytes": s} for f, s in zip(files, sizes)],
+        "tokenizer": _tokenizer_summary(tok, given),
+        "inputs": [{"path": str(f), "bytes": s, "sha256": file_sha256(f)} for f, s in zip(files, sizes)],
         "text_bytes": sum(sizes), "field": field, "input_format": fmt, "encoding_errors": errors, "val_fraction": val_fraction,
     }
-    write_json_atomic(out / HEADER_FILE, header)
+    (build / HEADER_FILE).write_text(json.dumps(header, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    for path in [train, val, build / HEADER_FILE, *sorted((build / TOKENIZER_DIR).rglob("*"))]:
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     return header
+
+
+def _swap_in(build: Path, out: Path) -> None:
+    """Move a finished build into `out`, the header last: until then no half-new dataset looks valid.
+    Only the dataset's own entries are replaced; other files in `out` (its source text) stay."""
+    (out / HEADER_FILE).unlink(missing_ok=True)
+    for name in (*SPLIT_FILES.values(), TOKENIZER_DIR):
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            old = out / f"{_BUILD_PREFIX}old-{name}-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(build / name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(build / name, target)
+    os.replace(build / HEADER_FILE, out / HEADER_FILE)
+    fsync_dir(out)
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Delete what a killed prepare left in `out` (called under its lock, so nothing here is live):
+    build folders, and the hidden temp files of the atomic writes earlier versions made there."""
+    for p in out.iterdir():
+        if p.name.startswith(_BUILD_PREFIX):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    remove_stale_temps(out, [*SPLIT_FILES.values(), HEADER_FILE])
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(header: dict[str, Any]) -> str:
+    """What a prepared dataset is, not where it lies: its tokens' hash, its splits and its tokenizer.
+    Equal fingerprints mean the same training data, in any folder. (Headers written before the
+    token hash existed fall back to counts and sizes.)"""
+    ident = {"tokens_sha256": header.get("tokens_sha256"), "dtype": header["dtype"],
+             "splits": {k: v["tokens"] for k, v in sorted(header["splits"].items())},
+             "tokenizer": header["tokenizer"]["fingerprint"]}
+    if ident["tokens_sha256"] is None:
+        ident.update(documents=header.get("documents"), text_bytes=header.get("text_bytes"))
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _tokenizer_summary(tok: TokenizerBase, given: Any) -> dict[str, Any]:
@@ -130,7 +207,7 @@ def _encode(tok: TokenizerBase, texts: list[str], dtype: np.dtype) -> list[np.nd
 
 def _write_tokens(
     pieces: Iterator[tuple[str, bool]], tok: TokenizerBase, f: BinaryIO, dtype: np.dtype,
-    eos: int | None, batch_chars: int, bar: Any,
+    eos: int | None, batch_chars: int, bar: Any, digest: Any,
 ) -> tuple[int, int]:
     """Encode pieces in batches and append them (eos after each document); return (tokens, documents)."""
     eos_arr = np.array([] if eos is None else [eos], dtype=dtype)
@@ -148,6 +225,7 @@ def _write_tokens(
                 n_docs += 1
         block = np.concatenate(arrays)
         block.tofile(f)
+        digest.update(block.tobytes())
         n_tokens += len(block)
         bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
         batch.clear()

@@ -22,9 +22,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    check_available(chosen)
+    return chosen
+
+
+def check_available(device: torch.device) -> None:
+    """ConfigError when `device` is not there (a CUDA device on a CPU-only torch or machine, a GPU index
+    past the last), rather than torch's AssertionError or a CUDA error on first use."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise ConfigError(f"device {str(device)!r} is not available: {why} (torch {torch.__version__}); "
+                              f"use 'cpu' or 'auto' (--device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {str(device)!r} is not available: this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device 'mps' is not available on this machine (torch {torch.__version__}); "
+                              f"use 'cpu' or 'auto' (--device cpu)")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

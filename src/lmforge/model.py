@@ -29,6 +29,8 @@ from lmforge.checkpoint import load_pretrained, save_pretrained as save_checkpoi
 from lmforge.checkpoint import load_weights as copy_weights_from
 from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
+from lmforge.kernels import Gemv, available as kernels_available, bind
+from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
 
@@ -54,6 +56,8 @@ def attention_reference(
         scores = scores.masked_fill(~mask, float("-inf"))
     # Half-precision scores are normalised in fp32, as the fused kernels do.
     weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    if mask is not None:  # a query that may attend to nothing gets zeros, as the fused kernel gives (not 0/0)
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return weights @ v  # (B, H, T, D)
 
 
@@ -310,15 +314,14 @@ class CausalSelfAttention(nn.Module):
         equations of forward with the fewest operations (see GPT.row_step), one query attending to
         the filled cache (its last `sliding_window` positions), y_h = softmax(q_h K_h^T * scale) V_h."""
         H, KV, D, scale, window = self.n_head, self.n_kv_head, self.head_dim, self.scale, self.window
-        qkv_weight, qkv_bias = self.c_attn.weight, _bias(self.c_attn)
-        out_weight, out_bias = self.c_proj.weight, _bias(self.c_proj)
+        qkv_proj, out_proj = _row_linear(self.c_attn), _row_linear(self.c_proj)
         rotate = self._rotate
         keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (KV, max_length, D)
         gqa = {"enable_gqa": True} if KV != H else {}
 
         def step(x: torch.Tensor, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
             n = kv_cache.length
-            q, k, v = rotate(torch.addmv(qkv_bias, qkv_weight, h).view(H + 2 * KV, D), rope, dim=0)
+            q, k, v = rotate(qkv_proj(h).view(H + 2 * KV, D), rope, dim=0)
             keys[:, n] = k
             values[:, n] = v
             start = 0 if window is None else max(0, n + 1 - window)
@@ -327,9 +330,24 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q.view(1, H, 1, D), keys[None, :, start: n + 1], values[None, :, start: n + 1], scale=scale, **gqa
             ).view(H * D)  # Concat(head_1..head_h)
-            return torch.addmv(x.add_(out_bias), out_weight, y)  # x is the step's own buffer
+            return out_proj(y, x, out=x)  # x is the step's own buffer
 
         return step
+
+
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A clear error for an id past the embedding, rather than an IndexError from deep inside it. On
+    the CPU only, where the check costs a few microseconds; on a GPU it would wait for the device
+    (generate() checks prompts on every device)."""
+    if input_ids.device.type != "cpu" or not input_ids.numel() or torch.compiler.is_compiling():
+        return
+    if input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    low, high = torch.aminmax(input_ids)
+    if low < 0 or high >= vocab_size:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary (vocab_size {vocab_size}: "
+                         f"ids 0..{vocab_size - 1}); the ids come from another tokenizer or model")
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
@@ -341,11 +359,17 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> 
 
 # A one-row step: (x, h, rope) -> x + sublayer(h) on vectors, built once per request.
 RowStep = Callable[..., torch.Tensor]
+# The layers the one-row step can run itself (a wrapped layer, e.g. a LoRA adapter, cannot).
+ROW_LINEARS = (nn.Linear, Int8Linear)
 
 
-def _bias(layer: nn.Linear) -> torch.Tensor:
-    """The layer's bias, or zeros for a bias-free model, so the one-row step always uses addmv."""
-    return layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+def _row_linear(layer: nn.Module) -> Gemv:
+    """(h, residual=None, out=None) -> layer(h) + residual for one (in,) vector, the layer's tensors
+    checked once: lmforge.kernels' matrix-vector kernel, which streams each weight once, with bias and
+    residual added in the same pass (`out=residual`: in place), or plain torch where it does not apply."""
+    if isinstance(layer, Int8Linear):
+        return bind(layer.weight, layer.bias, scale=layer.weight_scale)
+    return bind(layer.weight, layer.bias)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -387,17 +411,16 @@ class MLP(nn.Module):
 
     def row_step(self) -> RowStep:
         """x, h -> x + MLP(h) on (C,) vectors (see GPT.row_step)."""
-        fc_weight, fc_bias, act, gated = self.c_fc.weight, _bias(self.c_fc), self.act.forward, self.gated
-        proj_weight, proj_bias = self.c_proj.weight, _bias(self.c_proj)
+        fc, proj, act, gated = _row_linear(self.c_fc), _row_linear(self.c_proj), self.act.forward, self.gated
 
         def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-            h = torch.addmv(fc_bias, fc_weight, h)
+            h = fc(h)
             if gated:
                 gate, up = h.chunk(2)
                 h = act(gate).mul_(up)
             else:
                 h = act(h)
-            return torch.addmv(x.add_(proj_bias), proj_weight, h)
+            return proj(h, x, out=x)
 
         return step
 
@@ -429,10 +452,10 @@ class Block(nn.Module):
         return step
 
     def supports_row_step(self) -> bool:
-        """The one-row step reads the projections' weights itself: plain nn.Linear layers only (a
+        """The one-row step reads the projections' weights itself: plain or int8 linear layers only (a
         wrapped layer, e.g. a LoRA adapter, runs its own forward through the batched path)."""
         layers = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
-        return all(type(layer) is nn.Linear for layer in layers)
+        return all(type(layer) in ROW_LINEARS for layer in layers)
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -503,15 +526,16 @@ class GPT(nn.Module):
         """Lay the weight matrices out for the CPU's matrix-vector kernels, and return self.
 
         Decoding reads every weight once per token, so the layout the kernel streams fastest decides
-        the speed. float32 (MKL): column-major ((in, out) in memory, GPT-2's Conv1D layout; load_model
-        already gives that for the blocks, this adds the tied LM head): ~8% per batch-1 step and ~14%
-        at batch 8. bfloat16: row-major, about twice as fast per batch-1 step as column-major.
-        (2-core Xeon, benchmarks/generate.py.) Values, shapes, ties and memory are unchanged and
-        training still works. A no-op on other devices and dtypes.
+        the speed. With lmforge.kernels (built on first use): row-major, each output's weights one
+        contiguous run, in every dtype. Without them (no compiler, LMFORGE_KERNELS=0), PyTorch's:
+        float32 (MKL) column-major ((in, out) in memory, GPT-2's Conv1D layout) ~8% faster per batch-1
+        step than row-major, bfloat16 row-major ~2x faster than column-major (2-core Xeon,
+        benchmarks/generate.py). Values, shapes, ties and memory are unchanged and training still
+        works. A no-op on other devices and dtypes.
         """
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
             return self
-        column_major = self.dtype == torch.float32
+        column_major = self.dtype == torch.float32 and not kernels_available()
         with torch.no_grad():
             done: set[int] = set()
             for module in self.modules():
@@ -522,8 +546,12 @@ class GPT(nn.Module):
         return self
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Distinct parameters (a tied LM head counts once, as in transformers)."""
+        """Distinct parameters (a tied LM head counts once, as in transformers; a quantized layer's int8
+        weight and bias count as the float ones they replace, so quantizing changes nothing here)."""
         n = sum(p.numel() for p in self.parameters())
+        for name, m in self.named_modules():
+            if isinstance(m, Int8Linear) and not (name == "lm_head" and self.config.tie_word_embeddings):
+                n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
         if exclude_embeddings:
             n -= sum(e.weight.numel() for name, e in self.transformer.items() if name in ("wte", "wpe"))
         return n
@@ -553,6 +581,10 @@ class GPT(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"the KV cache holds {kv_cache.batch_size} rows but input_ids has {B}; a cache serves the "
+                             f"batch it was made for (model.new_kv_cache({B}) makes one for this batch)")
+        _check_ids(input_ids, self.config.vocab_size)
         if past + T > self.config.n_positions:
             raise ValueError(
                 f"sequence length {past + T} exceeds the model's context n_positions={self.config.n_positions}"
@@ -603,12 +635,13 @@ class GPT(nn.Module):
         besides the matrix-vector products costs far more than its arithmetic (dispatch, Python,
         caches just flushed by megabytes of streamed weights). So each module also states its
         equations on (C,) vectors with the fewest operations: no batch or time dimension, biases and
-        residuals inside the products (addmv), its tensors looked up once here rather than per step.
+        residuals added inside the products (lmforge.kernels' matrix-vector kernels, which stream each
+        weight once), its tensors looked up once here rather than per step.
         Equal to forward up to float rounding (tested); use it where supports_row_decoding() says so.
         """
         t, n_positions = self.transformer, self.config.n_positions
         blocks = [block.row_step(kv_cache) for block in t.h]
-        wte, head = t.wte.weight, self.lm_head.weight
+        wte, head = t.wte.weight, _row_linear(self.lm_head)
         wpe = t.wpe.weight if self.config.positions == "learned" else None
         inv_freq = None if wpe is not None else self.rope_frequencies(wte.device)
         ln_f = _norm_row(t.ln_f)
@@ -628,14 +661,14 @@ class GPT(nn.Module):
             for block in blocks:
                 x = block(x, rope)
             kv_cache.advance(1)
-            return torch.mv(head, ln_f(x))  # the LM head has no bias
+            return head(ln_f(x))
 
         return step
 
     def supports_row_decoding(self) -> bool:
         """Whether row_step applies: in eval mode (dropout lives in the batched path) with plain
         projections (a wrapped layer, e.g. a LoRA adapter, runs its own forward there)."""
-        return (not self.training and type(self.lm_head) is nn.Linear
+        return (not self.training and type(self.lm_head) in ROW_LINEARS
                 and all(block.supports_row_step() for block in self.transformer.h))
 
     def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
@@ -681,21 +714,27 @@ class GPT(nn.Module):
             causal = causal & (k_pos > q_pos - window)
         if attention_mask is None:
             return causal[None, None], False
-        mask = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-        # A padding query would attend to nothing (softmax of all -inf = NaN); let it see itself.
-        # Real tokens always see themselves already, so their outputs are unchanged.
-        return mask | (k_pos == q_pos)[None, None], False
+        # A query with no key to attend to (left padding, a row that is all padding) gets zeros from
+        # attention, as in transformers: torch's kernels give 0 there, not the 0/0 of a plain softmax.
+        return causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :], False
 
     @classmethod
     def from_pretrained(
         cls, path_or_name: str | os.PathLike, dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = "auto", revision: str | None = None,
+        device: str | torch.device | None = "auto", revision: str | None = None, quantize: str | None = None,
     ) -> "GPT":
         """Load a checkpoint (also `lmforge.load_model`): a local directory or a Hugging Face Hub name
         such as "gpt2". dtype: None keeps the checkpoint's dtype; "bf16", "fp16", "fp32" (or torch
-        dtypes) convert. device: "auto" picks cuda, then mps, then cpu. Raises CheckpointError
-        naming the file or tensor when something does not fit."""
-        return load_pretrained(cls, path_or_name, dtype=dtype, device=device, revision=revision)
+        dtypes) convert. device: "auto" picks cuda, then mps, then cpu. quantize: "int8" quantizes the
+        weights after loading (see quantize); a quantized checkpoint loads quantized anyway. Raises
+        CheckpointError naming the file or tensor when something does not fit."""
+        return load_pretrained(cls, path_or_name, dtype=dtype, device=device, revision=revision, quantize=quantize)
+
+    def quantize(self, mode: str = "int8") -> "GPT":
+        """Weight-only quantization in place, for inference, and return self: every linear layer (the LM
+        head included, a tied one as its own copy) becomes int8 with one fp32 scale per output channel;
+        the embedding, norms and activations stay in the model's dtype. See lmforge.quantize."""
+        return quantize_model(self, mode)
 
     def generate(self, input_ids, attention_mask=None, generation_config=None, **options):
         """Continue prompts (greedy, sampling, beam search); see lmforge.generation.generate."""
@@ -711,5 +750,5 @@ class GPT(nn.Module):
         save_checkpoint(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
 
 
-# lmforge.load_model(path_or_name, dtype=None, device="auto", revision=None) -> GPT
+# lmforge.load_model(path_or_name, dtype=None, device="auto", revision=None, quantize=None) -> GPT
 load_model = GPT.from_pretrained

@@ -222,7 +222,11 @@ class Tokenizer(TokenizerBase):
         backend = self._ordinary_backend() if split_special_tokens else self._backend
         # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which ids do not need.
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=add_special_tokens)]
+        try:
+            return [e.ids for e in encode(list(texts), add_special_tokens=add_special_tokens)]
+        except TypeError:  # the tokenizers library's only word for a lone surrogate
+            self._check_text(texts)
+            raise
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         return self._backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)

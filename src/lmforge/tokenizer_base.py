@@ -170,12 +170,13 @@ class TokenizerBase:
         if return_tensors is not None:
             if len({len(r) for r in rows}) > 1:
                 raise ConfigError("rows have different lengths; pass padding=True to return tensors")
+            shape = (len(rows), len(rows[0]) if rows else 0)  # an empty batch is (0, 0)
             if return_tensors == "pt":
                 import torch
 
-                out = {k: torch.tensor(v, dtype=torch.long).reshape(len(rows), -1) for k, v in out.items()}
+                out = {k: torch.tensor(v, dtype=torch.long).reshape(shape) for k, v in out.items()}
             elif return_tensors == "np":
-                out = {k: np.asarray(v, dtype=np.int64).reshape(len(rows), -1) for k, v in out.items()}
+                out = {k: np.asarray(v, dtype=np.int64).reshape(shape) for k, v in out.items()}
             else:
                 raise ConfigError(f"unknown return_tensors {return_tensors!r}: use 'pt', 'np' or None")
         elif single:
@@ -235,6 +236,18 @@ class TokenizerBase:
     def _template_tokens(self) -> dict[str, str]:
         """The special tokens a chat template sees (the roles that are set), as transformers passes them."""
         return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+
+    @staticmethod
+    def _check_text(texts: Sequence[str]) -> None:
+        """DataError for text that is not valid Unicode: a lone surrogate such as the "\\udcff" that
+        Python makes of a non-UTF-8 byte in a command-line argument or a file read with surrogateescape."""
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = f"text {i}" if len(texts) > 1 else "the text"
+                raise DataError(f"{where} is not valid Unicode: {text[e.start]!r} at character {e.start} is a lone "
+                                f"surrogate (often a non-UTF-8 byte); give UTF-8 text") from None
 
     def _check_ids(self, ids: Any) -> list[int]:
         if hasattr(ids, "tolist"):

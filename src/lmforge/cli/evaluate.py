@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.cli.generate import SAMPLING_FLAGS, add_generation_flags
+from lmforge.cli.generate import SAMPLING_FLAGS, add_generation_flags, add_quantize_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +82,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's directory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default=None, help="run the forward pass in bf16 / fp16 (autocast); default: the model's")
+    add_quantize_flag(p)
     p.add_argument("--batch-size", type=int, default=None, help="examples (or windows) per forward pass")
 
 
@@ -105,7 +106,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _load(args: argparse.Namespace, need_tokenizer: bool = True):
     from lmforge import load_model
 
-    model = load_model(args.model, device=args.device).optimize_for_decoding()
+    model = load_model(args.model, device=args.device, quantize=args.quantize).optimize_for_decoding()
     if not need_tokenizer:
         return model, None
     from lmforge.tokenizer import Tokenizer
@@ -131,6 +132,18 @@ def _finish(args: argparse.Namespace, result, dataset: dict | None, model_info: 
     return 0
 
 
+def _start(args: argparse.Namespace) -> float:
+    """The start time, once the report's files are known to be writable (a bad --output fails before
+    any model is loaded or any example is scored)."""
+    from lmforge._io import check_writable
+    from lmforge.errors import ConfigError
+    from lmforge.evaluation import report_paths
+
+    for path in report_paths(args.output or f"eval/{args.evaluate_command}.json").values():
+        check_writable(path, ConfigError, "--output")
+    return time.time()
+
+
 def _limit(rows: list, limit: int | None) -> list:
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -140,7 +153,7 @@ def _limit(rows: list, limit: int | None) -> list:
 def run_perplexity(args: argparse.Namespace) -> int:
     from lmforge import evaluation
 
-    started = time.time()
+    started = _start(args)
     if args.run_dir is not None:
         evaluation.read_run_log(args.run_dir)  # fail before the evaluation, not after it
     data = Path(args.data)
@@ -169,7 +182,7 @@ def _check_window(model, options: dict[str, Any]) -> None:
 def run_choice(args: argparse.Namespace) -> int:
     from lmforge import evaluation
 
-    started = time.time()
+    started = _start(args)
     items = _limit(evaluation.read_jsonl(args.data), args.limit)
     model, tok = _load(args)
     result = evaluation.evaluate_choice(model, tok, items, path=args.data, progress=_progress(args),
@@ -181,7 +194,7 @@ def run_choice(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from lmforge import evaluation
 
-    started = time.time()
+    started = _start(args)
     rows = _limit(evaluation.read_jsonl(args.data), args.limit)
     options = _set(args, **{name: name for name in (*SAMPLING_FLAGS, "do_sample")})
     config = evaluation.generation_config_for(args.task, **options)
@@ -201,7 +214,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from lmforge import evaluation
     from lmforge.errors import CheckpointError
 
-    started = time.time()
+    started = _start(args)
     rows = _limit(evaluation.read_jsonl(args.data), args.limit)
     try:
         classification = importlib.import_module("lmforge.tasks.classification")
@@ -213,6 +226,8 @@ def run_classify(args: argparse.Namespace) -> int:
             f"`lmforge evaluate score --metric classification --predictions P --references R`"
         ) from None
     classifier = load_classifier(args.model, device=args.device)
+    if args.quantize is not None:
+        classifier.model.quantize(args.quantize)
     result = evaluation.evaluate_classification(classifier.predict, rows, path=args.data, progress=_progress(args),
                                                 **_set(args, batch_size="batch_size"))
     dataset = evaluation.describe_file(args.data, n_examples=len(rows))
@@ -228,7 +243,7 @@ def run_score(args: argparse.Namespace) -> int:
     from lmforge import evaluation
     from lmforge.errors import DataError
 
-    started = time.time()
+    started = _start(args)
     pred_fields = (args.prediction_field,) if args.prediction_field else PREDICTION_FIELDS
     ref_fields = (args.reference_field,) if args.reference_field else REFERENCE_FIELDS
     predictions = evaluation.read_column(args.predictions, pred_fields, "--predictions")

@@ -4,6 +4,7 @@
     lmforge finetune sft --model gpt2 --task translation --train multi30k/train.jsonl --val multi30k/validation.jsonl \
         --out runs/mt --lora-rank 8 --lora-alpha 16 --lora-targets c_attn c_proj
     lmforge finetune sft --model LLAMA_DIR --task qa --train qa.jsonl --out runs/qa --lora-rank 8 --lora-targets q_proj v_proj
+    lmforge finetune classify --preset tiny --train train.jsonl --out runs/smoke   # random weights, offline
     torchrun --nproc_per_node 2 -m lmforge finetune sft ...
 
 Every TrainConfig field is a flag as in `lmforge pretrain` (defaults live in TrainConfig).
@@ -48,9 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="BASE",
-                   help="checkpoint directory or Hub name (lmforge or Hugging Face GPT-2); a preset such as tiny "
-                        "starts from random weights (smoke tests)")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--model", metavar="PATH_OR_NAME",
+                      help="the pretrained model: a checkpoint directory, else a Hugging Face Hub name (e.g. gpt2)")
+    base.add_argument("--preset", metavar="NAME",
+                      help="start from random weights of a preset instead (e.g. tiny; smoke tests) with the "
+                           "byte-level tokenizer unless --tokenizer says otherwise")
     p.add_argument("--train", required=True, metavar="TRAIN.jsonl")
     p.add_argument("--val", default=None, metavar="VAL.jsonl")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, Hub name or 'byte' (default: the model's)")
@@ -96,7 +100,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     outcome = finetune_classifier(
-        config, args.model, args.train, args.val, text_field=args.text_field, label_field=args.label_field,
+        config, args.model, args.train, args.val, preset=args.preset, text_field=args.text_field,
+        label_field=args.label_field,
         tokenizer=args.tokenizer, class_weights=args.class_weights, lora=_lora(args), max_length=args.max_length,
         eval_limit=args.eval_limit, group_by_length=args.group_by_length, plot=not args.no_plot,
     )
@@ -108,7 +113,8 @@ def run_sft(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     outcome = finetune_sft(
-        config, args.model, args.train, args.val, task=args.task, prompt_template=_unescape(args.prompt_template),
+        config, args.model, args.train, args.val, preset=args.preset, task=args.task,
+        prompt_template=_unescape(args.prompt_template),
         response_template=_unescape(args.response_template), document_field=args.document_field,
         tokenizer=args.tokenizer, pack=args.pack, lora=_lora(args), max_length=args.max_length,
         group_by_length=args.group_by_length, plot=not args.no_plot,

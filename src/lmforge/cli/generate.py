@@ -14,6 +14,8 @@ import dataclasses
 import sys
 from typing import Any
 
+from lmforge.errors import DataError
+
 RULE = 100 * "-"
 
 # Flags that map one-to-one onto GenerationConfig fields (the name with _ for -): type, help.
@@ -62,8 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_quantize_flag(p)
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.set_defaults(func=run)
+
+
+def add_quantize_flag(p: argparse._ActionsContainer) -> None:
+    """--quantize, for every command that loads a model to run it (generate, serve, evaluate, run)."""
+    from lmforge.quantize import MODES
+
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="weight-only quantization after loading: int8 (per-output-channel scales; activations "
+                        "stay in --dtype). Default: none (a checkpoint saved quantized loads quantized)")
 
 
 def add_generation_flags(p: argparse._ActionsContainer, names: tuple[str, ...] = tuple(_OPTION_FLAGS),
@@ -92,6 +104,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.eos_token_id:
         options["eos_token_id"] = args.eos_token_id
     if args.stop:
+        for text in args.stop:
+            check_text(text, "--stop")
         options["stop_strings"] = args.stop
     if args.truncate_prompt:
         options["truncate_prompt"] = True
@@ -109,6 +123,11 @@ def load(args: argparse.Namespace):
         from lmforge.device import resolve_device, resolve_dtype
         from lmforge.model import GPT
 
+        from lmforge.config import SEED_RANGE
+        from lmforge.errors import ConfigError
+
+        if args.seed is not None and args.seed not in SEED_RANGE:
+            raise ConfigError(f"--seed {args.seed} is out of range: use 0..{SEED_RANGE.stop - 1}")
         tokenizer = Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else Tokenizer.byte_level()
         config = preset(args.preset, vocab_size=tokenizer.vocab_size,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -117,27 +136,54 @@ def load(args: argparse.Namespace):
         model = GPT(config).eval().to(device=resolve_device(args.device))
         dtype = resolve_dtype(args.dtype)
         model = model if dtype is None else model.to(dtype)
+        if args.quantize is not None:
+            model.quantize(args.quantize)
         return model.optimize_for_decoding(), tokenizer
 
     from lmforge import load_model
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                       quantize=args.quantize)
     model.optimize_for_decoding()  # this model only generates (here and in `lmforge serve`)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or getattr(model, "checkpoint_dir", None) or args.model)
     return model, tokenizer
 
 
 def read_prompts(prompt: str) -> list[str]:
+    """--prompt TEXT, or with "-" one prompt per line of stdin; text that is not UTF-8 fails naming
+    where it is."""
     if prompt != "-":
+        check_text(prompt, "--prompt")
         return [prompt]
-    prompts = [line.rstrip("\r\n") for line in sys.stdin]
+    stdin = getattr(sys.stdin, "buffer", None)
+    prompts = []
+    for n, line in enumerate(stdin if stdin is not None else sys.stdin, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"--prompt -: line {n} of stdin is not UTF-8 text (byte 0x{line[e.start]:02x} at "
+                                f"offset {e.start}); convert it to UTF-8 first (e.g. iconv -t UTF-8)") from None
+        check_text(line, f"--prompt -: line {n} of stdin")
+        prompts.append(line.rstrip("\r\n"))
     if not prompts:
         raise ValueError("--prompt -: no prompts on stdin (expected one per line)")
     return prompts
 
 
+def check_text(text: str, what: str) -> None:
+    """DataError naming `what` for text that is not valid Unicode: Python turns a non-UTF-8 byte of a
+    command-line argument into a lone surrogate (U+DC80..U+DCFF), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what_char = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise DataError(f"{what} is not UTF-8 text ({what_char} at character {e.start}); give UTF-8 text") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from lmforge.generation import GenerationConfig
+    from lmforge.generation import GenerationConfig, resolve_config
 
     prompts = read_prompts(args.prompt)
     options = generation_options(args)
@@ -145,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stream and config.is_beam_search:
         raise ValueError("--stream works with greedy and sampling decoding, not --num-beams > 1")
     model, tokenizer = load(args)
+    resolve_config(model, None, **options)  # eos/pad ids checked against the model before any output
     template = None
     if args.chat:
         template, options = chat_options(model, tokenizer, options)
@@ -153,11 +200,12 @@ def run(args: argparse.Namespace) -> int:
             ids = tokenizer.encode(prompt)
         else:
             ids = template.encode(tokenizer, [{"role": "user", "content": prompt}])
-        print("Output:\n" + RULE)
         if args.stream:
+            print("Output:\n" + RULE)
             _stream(model, tokenizer, ids, options)
         else:
             out = model.generate([ids], None, tokenizer=tokenizer, **options)
+            print("Output:\n" + RULE)
             for i, row in enumerate(out.tolist()):
                 print(f"{i}: {_text(tokenizer, row)}")
     return 0

@@ -1,4 +1,4 @@
-"""`lmforge info PATH_OR_NAME`: architecture, parameter count, dtype and size of a checkpoint."""
+"""`lmforge info PATH_OR_NAME`: architecture, parameter count, dtype, quantization and size of a checkpoint."""
 
 from __future__ import annotations
 
@@ -24,6 +24,17 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _quantization(qc: dict | None) -> str:
+    """config.json's quantization_config in a few words ("none" for float weights)."""
+    if qc is None:
+        return "none"
+    if not isinstance(qc, dict) or qc.get("quant_method") != "lmforge":
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        return f"{method} (not loadable by lmforge)"
+    return (f"{qc.get('weight_dtype')} weight-only, {str(qc.get('granularity')).replace('_', '-')} scales "
+            f"(lmforge format {qc.get('format_version')})")
+
+
 def run(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import checkpoint_info
 
@@ -37,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         "tie_word_embeddings": c.tie_word_embeddings,
         "parameters": info.num_parameters,
         "dtype": ", ".join(info.dtypes),
+        "quantization": _quantization(info.quantization),
         "weights": info.weights_file,
         "size_on_disk": info.size_on_disk,
     }

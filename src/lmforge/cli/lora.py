@@ -22,8 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmforge._io import check_writable
+    from lmforge.errors import ConfigError
     from lmforge.tasks.lora import count_parameters, merge_lora_dir
 
+    check_writable(Path(args.out) / "config.json", ConfigError, "--out")  # before the models are loaded
     merged = merge_lora_dir(args.adapter, args.out, base=args.base, tokenizer=args.tokenizer)
     n = count_parameters(merged)[1]
     print(f"merged adapters of {args.adapter} into {n:,} parameters: {args.out}")

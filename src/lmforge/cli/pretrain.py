@@ -16,6 +16,8 @@ import dataclasses
 import typing
 from pathlib import Path
 
+from lmforge.config import checked
+
 _HELP = {
     "out_dir": "run directory: config, metrics.jsonl, checkpoints, final model/, loss.png",
     "max_steps": "optimizer steps to run", "max_tokens": "stop after this many training tokens",
@@ -54,6 +56,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace):
+    """TrainConfig from flags over --config FILE over TrainConfig's defaults. With --resume, the run's
+    own RUN/config.json takes the place of the defaults, so a run resumes without retyping its
+    options; an option given that differs from it is refused when training starts, unless it only
+    says how long or how observably to run (--max-steps, --eval-interval, --device, ...)."""
     from lmforge.training import TrainConfig, read_config_file
 
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
@@ -61,16 +67,61 @@ def train_config_from_args(args: argparse.Namespace):
         values["out_dir"] = values.pop("out")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     recipe = {k: values.pop(k) for k in list(values) if k not in fields and k in RECIPE_KEYS}
+    recipe = _typed_recipe(recipe, args)
     for name in fields:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    saved = _saved_run(values) if values.get("resume") else None
+    if saved is not None:
+        run_train = {k: v for k, v in saved.get("train", {}).items() if k in fields and k not in ("out_dir", "resume")}
+        values = {**run_train, **values}
+        saved_recipe = {**saved.get("recipe", {}), "model": saved.get("model_spec")}
+        recipe = {**{k: v for k, v in saved_recipe.items() if k in RECIPE_KEYS and k != "data" and v is not None}, **recipe}
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return TrainConfig.from_dict(values, where=f"config file {args.config}" if getattr(args, "config", None) else "options")
 
 
-RECIPE_KEYS = ("data", "model", "tokenizer", "val_fraction", "field", "dropout", "samples", "sample_length")
+def _saved_run(values: dict) -> dict | None:
+    from lmforge.training.checkpointing import RunDir
+
+    return RunDir(values.get("out_dir") or _default_out()).read_config()
+
+
+def _default_out() -> str:
+    from lmforge.training import TrainConfig
+
+    return TrainConfig.out_dir
+
+
+@checked
+@dataclasses.dataclass
+class RecipeOptions:
+    """The options beside TrainConfig's that a --config file may set, with their types (checked as
+    TrainConfig's are: `samples: "2"` is refused, not passed on)."""
+
+    data: str | list[str] | None = None
+    model: str | None = None
+    tokenizer: str | None = None
+    val_fraction: float | None = None
+    field: str | None = None
+    dropout: float | None = None
+    samples: int | None = None
+    sample_length: int | None = None
+
+
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(RecipeOptions))
+
+
+def _typed_recipe(recipe: dict, args: argparse.Namespace) -> dict:
+    from lmforge.errors import ConfigError
+
+    try:
+        typed = RecipeOptions(**recipe)
+    except ConfigError as e:
+        raise ConfigError(f"config file {args.config}: {e}") from None
+    return {k: getattr(typed, k) for k in recipe}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +133,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="prepared dataset directory, or text/JSONL files and globs (default: the embedded corpus)")
     p.add_argument("--model", default=None, metavar="SPEC",
-                   help="preset (baby, mini, tiny, gpt2, ...), a config .json, or a checkpoint to continue (default: baby)")
+                   help="what to pretrain: a preset name is a new model with random weights (baby, mini, tiny, "
+                        "gpt2, ...: here gpt2 is GPT-2's shape, not OpenAI's weights), as is a config .json; any "
+                        "other name is a checkpoint directory or Hub name whose weights training continues "
+                        "(default: baby)")
     p.add_argument("--tokenizer", default=None,
                    help="for raw text: char (default), byte, or a tokenizer directory / Hub name")
     p.add_argument("--val-fraction", type=float, default=None, help="for raw text: validation share (default: 0.1)")
@@ -110,6 +164,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         sample_length=args.sample_length or 300,
     )
     r = outcome.result
+    if r.nothing_to_do:
+        return 0  # the trainer said "already at max_steps N; nothing to do"
     if outcome.plot is None and not outcome.samples:
         return 0  # not rank 0 under torchrun: rank 0 reports
     shown = ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k in ("val_loss", "val_ppl"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.generate import SAMPLING_FLAGS, add_generation_flags
+from lmforge.cli.generate import SAMPLING_FLAGS, add_generation_flags, add_quantize_flag
 
 TASKS = "text-generation, sentiment-analysis (= text-classification), translation, summarization, question-answering"
 
@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_quantize_flag(p)
     g = p.add_argument_group("generation (text-generation, translation, summarization, question-answering)")
     add_generation_flags(g, SAMPLING_FLAGS, max_new_tokens="50 (text-generation), 64 (translation, summarization), "
                                                            "32 (question-answering)")
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_file(
         args.task, args.model, args.input, args.output, field=args.field, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, progress=False if args.no_progress else None,
+        device=args.device, dtype=args.dtype, quantize=args.quantize, tokenizer=args.tokenizer,
+        progress=False if args.no_progress else None,
         **{name: getattr(args, name) for name in (*SAMPLING_FLAGS, "do_sample")},
     )
     print(f"{summary.task}: {summary.rows} rows in {summary.seconds:.1f} s -> {summary.output}")

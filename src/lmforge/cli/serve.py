@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmforge.cli.generate import add_quantize_flag
     from lmforge.serve.config import ServerConfig
     from lmforge.serve.engine import EngineConfig
 
@@ -34,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=server["port"], help=f"port (default: {server['port']}; 0: any free port)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health and the page "
-                        "(default: $LMFORGE_API_KEY, else none)")
+                        "(default: $LMFORGE_API_KEY, else none; an empty key is refused, and binding a "
+                        "non-loopback --host without a key prints a warning)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
     p.add_argument("--max-batch-size", type=int, default=engine["max_batch_size"],
                    help=f"sequences decoded together (default: {engine['max_batch_size']})")
@@ -52,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=server["log_level"], choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_quantize_flag(p)
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--seed", type=int, default=None, help="seed of --preset's random weights (default: 0)")
     p.set_defaults(func=run)
@@ -63,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                                  max_queue=args.max_queue)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY")  # "" is refused
     server_config = ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+        host=args.host, port=args.port, api_key=api_key,
         served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     model, tokenizer = load(args)

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.char_tokenizer import CharTokenizer
     from lmforge.tokenizer import EOS, Tokenizer
 
+    from lmforge._io import check_writable
+
+    check_writable(Path(args.out) / "tokenizer.json", ConfigError, "--out")  # before training, not after
     files = expand_files(args.data)
     specials = args.special_tokens
     eos = EOS if EOS in specials else (specials[0] if specials else None)

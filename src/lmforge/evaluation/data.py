@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.data import iter_jsonl
+from lmforge.tasks.data import check_input_file, iter_jsonl, read_text_file
 
 
 def read_jsonl(path: str | os.PathLike, option: str = "--data") -> list[Any]:
@@ -32,11 +32,9 @@ def require_fields(rows: Sequence[Any], fields: Sequence[str], path: str | os.Pa
 def read_column(path: str | os.PathLike, candidates: Sequence[str], option: str) -> list[Any]:
     """Predictions or references from a file: `.txt` (one per line, blank line = empty string) or
     `.jsonl` (a JSON value per line, or an object read at the first of `candidates` it has)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{option} {path}: no such file")
+    path = check_input_file(path, option)
     if path.suffix != ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text_file(path, option).splitlines()
         if not lines:
             raise DataError(f"{option} {path}: the file is empty")
         return lines
@@ -86,7 +84,7 @@ def load_tokens(path: str | os.PathLike, tokenizer: Any = None, text_field: str 
             require_fields(rows, [text_field], path)
             text = "\n\n".join(str(r[text_field]) for r in rows)
         else:
-            text = path.read_text(encoding="utf-8")
+            text = read_text_file(path, "--data")
         if max_tokens is not None:
             text = text[: max_tokens * 16]  # ample for any tokenizer; cut to max_tokens below
         arr = np.asarray(tokenizer.encode(text), dtype=np.int64)

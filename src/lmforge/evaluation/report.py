@@ -18,6 +18,7 @@ import torch
 from lmforge._io import atomic_path, write_json_atomic
 from lmforge.evaluation.plots import plot_confusion_matrix, plot_perplexity_by_context
 from lmforge.evaluation.run import Evaluation
+from lmforge.quantize import model_quantization
 from lmforge.training.plot import plot_run
 
 
@@ -42,7 +43,8 @@ def describe_model(model: torch.nn.Module | None, path: str | os.PathLike | None
     return {"path": str(path or getattr(model, "checkpoint_dir", "")), "n_layer": c.n_layer, "n_head": c.n_head,
             "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
             "parameters": model.num_parameters() if hasattr(model, "num_parameters") else sum(q.numel() for q in model.parameters()),
-            "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device)}
+            "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device),
+            "quantization": model_quantization(model)}
 
 
 def describe_file(path: str | os.PathLike, **extra: Any) -> dict[str, Any]:

@@ -79,12 +79,20 @@ def perplexity_by_context(context_length: torch.Tensor, token_nll: torch.Tensor)
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation token ids as lm-evaluation-harness makes them: trailing spaces of the
     context move to the continuation, the pair is encoded whole and split at the context's length
-    (so merges across the boundary count for the continuation); an empty context becomes EOS."""
+    (so merges across the boundary count for the continuation). The tokenizer's own special tokens are
+    kept (Llama's bos starts the context, as the harness does with add_bos_token unset); an empty
+    context becomes the start token alone (bos, else eos: the harness's prefix_token_id), with the
+    continuation encoded after it without a second bos."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:
-        return [tokenizer.eos_token_id], tokenizer.encode(continuation)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        start = bos if bos is not None else tokenizer.eos_token_id
+        ids = tokenizer.encode(continuation)
+        if bos is not None and ids[:1] == [bos] and tokenizer.encode("")[:1] == [bos]:
+            ids = ids[1:]  # the bos the tokenizer puts before every text: already the start token
+        return [start], ids
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     return context_ids, whole[len(context_ids):]
@@ -159,6 +167,13 @@ def prompt_template(task: str, template: str | None = None) -> str:
     """`template`, else the task's default one; an unknown task fails naming --task."""
     if task not in PROMPT_TEMPLATES:
         raise ConfigError(f"unknown task {task!r} for --task: use one of {', '.join(PROMPT_TEMPLATES)}")
+    if template is not None:
+        from lmforge.tasks.sft import template_fields
+
+        try:
+            template_fields(template)  # the checks of a fine-tuning template: fields only, bounded widths
+        except ValueError as e:
+            raise ConfigError(f"--template {template!r} is not a valid format string: {e}") from None
     return template or PROMPT_TEMPLATES[task]
 
 

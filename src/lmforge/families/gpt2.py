@@ -3,7 +3,9 @@
 lmforge's GPT uses GPT-2's parameter names, so the mapping is small: Hugging Face stores the four
 attention/MLP projections as Conv1D (weight transposed relative to nn.Linear), older checkpoints
 carry causal-mask buffers, a bare GPT2Model has no "transformer." prefix, and transformers' GPT-2
-always has biases (a bias-free model is written with zero biases and a "bias": false key).
+always has biases (a bias-free model is written with zero biases and a "bias": false key). An int8
+model's weights take the same names and layouts; their scales (`<name>_scale`, one per output channel)
+are 1-D and pass through as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.quantize import omits_tied_head
 
 ARCHITECTURES = {"causal_lm": "GPT2LMHeadModel", "sequence_classification": "GPT2ForSequenceClassification"}
 
@@ -64,8 +67,8 @@ def config_from_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
     if "n_positions" not in kwargs and "n_ctx" in d:
         kwargs["n_positions"] = d["n_ctx"]
     for name in FLOAT_FIELDS:
-        if kwargs.get(name) is not None:
-            kwargs[name] = float(kwargs[name])
+        if isinstance(kwargs.get(name), int) and not isinstance(kwargs[name], bool):
+            kwargs[name] = float(kwargs[name])  # anything else is left to GPTConfig's type check
     return {**kwargs, "extra": extra}
 
 
@@ -108,7 +111,7 @@ def check_representable(config: Any) -> None:
 def name_from_hf(key: str, config: Any) -> str | None:
     """lmforge's name for a tensor of a GPT-2 checkpoint (wrapper prefixes already removed); None for
     a legacy mask buffer or a tied LM head (the same tensor as wte)."""
-    if LEGACY_BUFFER.search(key) or (config.tie_word_embeddings and key == "lm_head.weight"):
+    if LEGACY_BUFFER.search(key) or (key == "lm_head.weight" and omits_tied_head(config)):
         return None
     return key if key.startswith(("transformer.", *HEADS)) else "transformer." + key
 
@@ -136,7 +139,7 @@ def state_to_hf(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
     """The state dict transformers' GPT-2 expects: Conv1D layout, no tied duplicate of wte, and zero
     biases for a bias-free model (transformers' GPT-2 always has them)."""
     out = {key: tensor.t() if key.endswith(CONV1D_WEIGHTS) else tensor for key, tensor in state.items()
-           if not (config.tie_word_embeddings and key == "lm_head.weight")}
+           if not (key == "lm_head.weight" and omits_tied_head(config))}
     if not config.bias:
         dtype = out["transformer.wte.weight"].dtype
         out.update({key: torch.zeros(shape, dtype=dtype) for key, shape in bias_shapes(config).items()})

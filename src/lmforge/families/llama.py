@@ -6,7 +6,9 @@ keys; what differs between them is data, one MODEL_TYPES row each: the class nam
 transformers' defaults for them, the projection biases a type fixes, Qwen3's q/k norm, and how
 sliding-window attention is switched on. lmforge fuses q/k/v into attn.c_attn and gate/up into
 mlp.c_fc (rows concatenated), so reading concatenates and writing splits (exact, views only).
-Every Llama-family projection is an nn.Linear, as in lmforge: no transposes.
+Every Llama-family projection is an nn.Linear, as in lmforge: no transposes. An int8 model's
+weights are split and joined the same way, and their per-output-channel scales (`<name>_scale`, 1-D)
+by the same rows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.quantize import omits_tied_head
 
 # GPTConfig fields every Llama-family config has: RMSNorm, rotary positions, a gated MLP, no
 # biases unless a type or config.json adds them (qkv_bias, ...), no embedding or residual dropout.
@@ -127,6 +130,8 @@ LAYER_NAMES = {
     "self_attn.q_norm.weight": "attn.q_norm.weight", "self_attn.k_norm.weight": "attn.k_norm.weight",
     "post_attention_layernorm.weight": "ln_2.weight",
     "mlp.down_proj.weight": "mlp.c_proj.weight", "mlp.down_proj.bias": "mlp.c_proj.bias",
+    # An int8 model's per-output-channel scales (lmforge.quantize), beside their weights.
+    "self_attn.o_proj.weight_scale": "attn.c_proj.weight_scale", "mlp.down_proj.weight_scale": "mlp.c_proj.weight_scale",
 }
 # Per layer: lmforge's fused tensor -> the Hugging Face tensors whose rows it concatenates, in order.
 FUSED = {
@@ -134,6 +139,9 @@ FUSED = {
     "attn.c_attn.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
     "mlp.c_fc.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "mlp.c_fc.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+    "attn.c_attn.weight_scale": ("self_attn.q_proj.weight_scale", "self_attn.k_proj.weight_scale",
+                                 "self_attn.v_proj.weight_scale"),
+    "mlp.c_fc.weight_scale": ("mlp.gate_proj.weight_scale", "mlp.up_proj.weight_scale"),
 }
 PART_OF = {part: (fused, i) for fused, parts in FUSED.items() for i, part in enumerate(parts)}
 OUTSIDE_LAYERS = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
@@ -157,7 +165,8 @@ def config_from_hf(d: dict[str, Any], source: str, kind: ModelType) -> dict[str,
     known = {**kind.keys, **{k: v for k, v in d.items() if k in kind.keys}}
     kwargs: dict[str, Any] = dict(LLAMA_BLOCK, **{name: known[key] for key, name in CONFIG_KEYS.items()})
     for name in FLOAT_FIELDS:
-        kwargs[name] = float(kwargs[name])
+        if isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool):
+            kwargs[name] = float(kwargs[name])  # anything else is left to GPTConfig's type check
     n_embd, n_head = known["hidden_size"], known["num_attention_heads"]
     n_kv_head = known["num_key_value_heads"] or n_head
     head_dim = known.get("head_dim", d.get("head_dim")) or n_embd // n_head
@@ -185,7 +194,8 @@ def rope_from_hf(d: dict[str, Any], max_positions: int, source: str) -> tuple[fl
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise ConfigError(f"{source}: rope_parameters {params!r} is not one dict of RoPE settings (per-layer-type "
                           f"RoPE is not supported)")
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta  # else: the type check
     kind = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
@@ -279,7 +289,7 @@ def name_from_hf(key: str, config: Any) -> str | None:
 
 def locate(key: str, config: Any) -> tuple[str | None, int | None]:
     """name_from_hf(key), and for a part of a fused tensor (q_proj, ...) its place among the parts."""
-    if ROTARY_BUFFER.search(key) or (config.tie_word_embeddings and key == "lm_head.weight"):
+    if ROTARY_BUFFER.search(key) or (key == "lm_head.weight" and omits_tied_head(config)):
         return None, None
     key = key if key.startswith(("model.", *HEADS)) else "model." + key
     if key in OUTSIDE_LAYERS:
@@ -325,7 +335,7 @@ def state_to_hf(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
     (views, so bit-exact), no tied duplicate of the embedding."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
+        if name == "lm_head.weight" and omits_tied_head(config):
             continue
         m = OURS_LAYER.fullmatch(name)
         if m is None:

@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lmforge.config import check_known_fields
+from lmforge.config import check_known_fields, checked
 from lmforge.errors import ConfigError
 
 # Used when neither max_length nor max_new_tokens is given (Hugging Face's default: 20 new tokens).
 DEFAULT_MAX_NEW_TOKENS = 20
 
 
+@checked
 @dataclass
 class GenerationConfig:
     """Decoding options. Names, defaults and semantics follow `transformers.GenerationConfig`.
@@ -71,6 +72,9 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and not _is_int(value):
                 raise ConfigError(f"GenerationConfig.{name} must be an integer or None, got {value!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a token id >= 0, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:

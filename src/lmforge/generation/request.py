@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from lmforge.config import out_of_vocabulary
+from lmforge.errors import ConfigError
 from lmforge.generation.config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, check_option_names
 
 
@@ -67,7 +69,19 @@ def resolve_config(
         fill["bos_token_id"] = model.config.bos_token_id
     if config.pad_token_id is None and model.config.pad_token_id is not None:
         fill["pad_token_id"] = model.config.pad_token_id
-    return config.replace(**fill) if fill else config
+    config = config.replace(**fill) if fill else config
+    check_special_ids(config, model.config.vocab_size)
+    return config
+
+
+def check_special_ids(config: GenerationConfig, vocab_size: int) -> None:
+    """Refuse an eos/pad/bos id the model cannot produce or read: an eos past the vocabulary would
+    never stop a generation, a pad or bos past it would index past the embedding."""
+    bad = out_of_vocabulary(config, vocab_size)
+    if bad:
+        name, token = bad
+        raise ConfigError(f"{name} {token} is outside the model's vocabulary (ids 0..{vocab_size - 1}); pass ids "
+                          f"of this model's tokenizer (e.g. tokenizer.eos_token_id)")
 
 
 def prepare_request(
@@ -91,23 +105,24 @@ def prepare_request(
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)][0].item()
         raise ValueError(f"input_ids contains token id {bad}, outside the model's vocabulary 0..{vocab - 1}")
-    if mask is not None:
-        empty_rows = mask.sum(dim=1) == 0
-        if empty_rows.any():  # an all-padding row is an empty prompt: give it a start token
-            ids, mask = ids.clone(), mask.clone()
-            ids[empty_rows, -1] = _start_token(config)
-            mask[empty_rows, -1] = 1
-        if bool((mask == 1).all()):
-            mask = None
+    # A row that is all padding keeps its ids, as in transformers: no query attends to any of them
+    # (attention gives zeros) and they all sit at position 0.
+    if mask is not None and bool((mask == 1).all()):
+        mask = None
 
     new_tokens = _new_tokens(ids.size(1), config, context)
     if ids.size(1) + new_tokens > context or ids.size(1) >= context:
         keep = context - max(new_tokens, 1)
-        if not config.truncate_prompt or keep < 1:
+        if keep < 1:  # truncating the prompt cannot help
+            raise ValueError(
+                f"{new_tokens} new tokens leave no room for a prompt in the model's context (n_positions={context}); "
+                f"ask for at most {context - 1} new tokens (max_new_tokens, or a smaller max_length)"
+            )
+        if not config.truncate_prompt:
             raise ValueError(
                 f"prompt of {ids.size(1)} tokens + {new_tokens} new tokens exceeds the model's context "
                 f"(n_positions={context}); shorten the prompt, lower max_new_tokens/max_length, "
-                "or pass truncate_prompt=True to keep only the last tokens of the prompt"
+                "or pass truncate_prompt=True (--truncate-prompt) to keep only the last tokens of the prompt"
             )
         ids = ids[:, -keep:]
         mask = None if mask is None else mask[:, -keep:]

@@ -14,7 +14,7 @@ from typing import Any
 _EXPORTS = {
     "Engine": "engine", "EngineConfig": "engine", "EngineRequest": "engine", "SamplingParams": "engine",
     "Output": "engine",
-    "QueueFullError": "engine", "EngineStoppedError": "engine",
+    "QueueFullError": "engine", "EngineStoppedError": "engine", "RequestError": "engine",
     "ServerConfig": "config", "create_app": "app", "run_server": "app",
     "ChatTemplate": "chat", "DEFAULT_CHAT_TEMPLATE": "chat",
 }

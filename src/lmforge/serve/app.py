@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the continuous-batching Engine.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics
-(Prometheus text), GET / (the playground page). Streaming answers are server-sent events exactly as
-OpenAI sends them (`data: {...}` chunks, then `data: [DONE]`). Every error is an OpenAI-style
-`{"error": {...}}` body with a 4xx/5xx status; a request that fails never takes the server down.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models and /v1/models/{id}, POST
+/tokenize (vLLM's: prompt ids, so that a client can fit a chat into the context), GET /health,
+GET /metrics (Prometheus text), GET / (the playground page); every GET answers HEAD too. Streaming
+answers are server-sent events exactly as OpenAI sends them (`data: {...}` chunks, then `data: [DONE]`).
+Every error is an OpenAI-style `{"error": {...}}` body with a 4xx status naming the field at fault
+(5xx only for the server's own failures); a request that fails never takes the server down.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -31,12 +35,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.serve.chat import ChatTemplate
 from lmforge.serve.config import ServerConfig
-from lmforge.serve.engine import Engine, EngineStoppedError, Output, QueueFullError
-from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from lmforge.serve.engine import Engine, EngineStoppedError, Output, QueueFullError, RequestError
+from lmforge.serve.protocol import (
+    ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest, error_body, json_type,
+)
 
 log = logging.getLogger("lmforge.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _PUBLIC_PATHS = ("/health", "/")  # the page and its files hold no data; its API calls carry the key
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: rows free up as fast as sequences finish
 
 
 class _APIError(Exception):
@@ -50,28 +57,52 @@ class _Failed(Exception):
     """The engine reported an error for this request."""
 
 
-def _json(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(body, status_code=status)
+class _ErrorResponse(JSONResponse):
+    """An error body that always renders: text echoed from a request (a model name, a key) may hold
+    lone surrogates, which are written as JSON escapes rather than failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return _ErrorResponse(body, status_code=status, headers=headers)
+
+
+def _key_credentials(api_key: str) -> list[bytes]:
+    """The Authorization tokens that carry `api_key`: its UTF-8 bytes (curl, the playground page), and
+    its Latin-1 bytes where it has them (what browsers' fetch, requests and http.client send)."""
+    forms = [api_key.encode("utf-8")]
+    with contextlib.suppress(UnicodeEncodeError):
+        if api_key.encode("latin-1") != forms[0]:
+            forms.append(api_key.encode("latin-1"))
+    return forms
 
 
 class _Limits:
-    """Pure ASGI middleware: the API key on every route but the public ones, and a cap on body size."""
+    """Pure ASGI middleware: the API key on every route but the public ones, and a cap on body size.
+    The key is compared as bytes, as the client sent them (a header is bytes, not text)."""
 
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        self.app, self.max_body = app, max_body_bytes
+        self.credentials = _key_credentials(api_key) if api_key else []
+
+    def authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        ok = scheme.lower() == b"bearer"
+        return any([hmac.compare_digest(token, form) for form in self.credentials]) and ok  # no early exit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         path = scope["path"]
-        if self.api_key and path not in _PUBLIC_PATHS and not path.startswith("/static/"):
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        if self.credentials and path not in _PUBLIC_PATHS and not path.startswith("/static/"):
+            if not self.authorized(headers.get("authorization", b"")):
                 body = error_body("Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
                                   "authentication_error", code="invalid_api_key")
                 return await _json(401, body)(scope, receive, send)
-        length = headers.get("content-length")
+        length = headers.get("content-length", b"").decode("latin-1") or None
         too_large = error_body(f"request body is larger than the server's limit of {self.max_body} bytes",
                                code="request_too_large")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -103,7 +134,8 @@ _ERROR_STATUS: dict[type[Exception], tuple[int, str, str | None]] = {
 
 async def _known_error(http: HTTPRequest, exc: Exception) -> JSONResponse:
     status, kind, code = next(_ERROR_STATUS[t] for t in type(exc).__mro__ if t in _ERROR_STATUS)
-    return _json(status, error_body(str(exc), kind, code=code))
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return _json(status, error_body(str(exc), kind, getattr(exc, "param", None), code), headers)
 
 
 async def _api_error(http: HTTPRequest, exc: _APIError) -> JSONResponse:
@@ -115,17 +147,39 @@ async def _invalid(http: HTTPRequest, exc: RequestValidationError) -> JSONRespon
     first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     where = ".".join(loc)
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
-    elif where:
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    ctx = first.get("ctx") or {}
+    param = loc[0] if loc else None
+    if "param" in ctx:  # a check over the whole body that knows which field it is about
+        param = ctx["param"]
+    elif first.get("type") == "json_invalid":
+        message, param = f"the request body is not valid JSON: {ctx.get('error', message)}", None
+    elif not loc:  # the body itself: empty, not JSON, or JSON but not an object
+        message = _body_problem(http, first)
+    elif not message.startswith(where):
         message = f"{where}: {message}"
-    return _json(400, error_body(message, param=None if first.get("type") == "json_invalid" or not loc else loc[0]))
+    return _json(400, error_body(message, param=param))
+
+
+def _body_problem(http: HTTPRequest, error: dict) -> str:
+    """What is wrong with a body that is not a JSON object, in words a curl user can act on."""
+    body = error.get("input")
+    content_type = http.headers.get("content-type", "")
+    if error.get("type") == "missing":
+        return "the request body is empty: send a JSON object with the header 'Content-Type: application/json'"
+    if isinstance(body, (bytes, bytearray)):  # FastAPI parses JSON only when the content type says JSON
+        return (f"the request body must be JSON sent with the header 'Content-Type: application/json' "
+                f"(this one came as {content_type!r}: with curl, add -H 'Content-Type: application/json')")
+    return f"the request body must be a JSON object, got {json_type(body)}"
 
 
 async def _http_error(http: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
-    return _json(exc.status_code, error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500
-                                             else "server_error"))
+    message = str(exc.detail)
+    if message == "There was an error parsing the body":  # FastAPI's words when json.loads fails oddly
+        message = ("the request body could not be parsed as JSON: send a JSON object encoded as UTF-8, nested "
+                   "less than a few hundred levels deep, with numbers of at most 4300 digits")
+    return _json(exc.status_code, error_body(message, "invalid_request_error" if exc.status_code < 500
+                                             else "server_error"), getattr(exc, "headers", None))
 
 
 async def _crash(http: HTTPRequest, exc: Exception) -> JSONResponse:
@@ -147,15 +201,38 @@ class _Routes:
     async def health(self) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "max_model_len": self.engine.max_model_len}
+
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                            "owned_by": "lmforge", "max_model_len": self.engine.max_model_len}]}
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, model_id: str) -> dict:
+        """GET /v1/models/{id}: the openai client's models.retrieve."""
+        self.check_model(model_id)
+        return self.model_card()
 
     async def metrics(self) -> PlainTextResponse:
         return PlainTextResponse(_prometheus(self.engine.metrics()))
 
     async def index(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids the chat template makes of the messages (developer is OpenAI's new name for system)."""
+        plain = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
+        return self.template.encode(self.tokenizer, plain, add_generation_prompt)
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """POST /tokenize: a prompt's or chat's ids and count, with the context to fit them in."""
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise _APIError(400, "give either prompt (a string) or messages (a chat), not both or neither",
+                            param="prompt")
+        ids = (self.tokenizer.encode(body.prompt) if body.prompt is not None
+               else self.chat_prompt(body.messages, body.add_generation_prompt))
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.name:
@@ -221,8 +298,7 @@ class _Routes:
 
     async def chat_completions(self, body: ChatCompletionRequest, http: HTTPRequest) -> Any:
         self.check_model(body.model)
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        prompt = self.template.encode(self.tokenizer, messages)
+        prompt = self.chat_prompt(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = self.engine.max_model_len - max(1, len(prompt))
@@ -234,7 +310,11 @@ class _Routes:
         params = body.sampling_params(max_tokens, top, extra_stop=self.template.stop)
         params.stop_token_ids += [t for t in self.template.stop_token_ids if t not in params.stop_token_ids]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        job = _Job(self.engine, [prompt], params, body.n)
+        try:
+            job = _Job(self.engine, [prompt], params, body.n)
+        except RequestError as e:  # the prompt of a chat is its messages
+            e.param = "messages" if e.param == "prompt" else e.param
+            raise
 
         def logprobs(outs: list[Output]) -> dict | None:
             return None if top is None else self.chat_logprobs(outs)
@@ -299,12 +379,15 @@ def create_app(engine: Engine, config: ServerConfig | None = None, chat_template
     app.add_exception_handler(Exception, _crash)
     template = chat_template or ChatTemplate.for_tokenizer(engine.tokenizer)
     routes = _Routes(engine, config.served_model_name or model_name, template)
-    app.add_api_route("/health", routes.health, methods=["GET"])
-    app.add_api_route("/v1/models", routes.models, methods=["GET"])
-    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
-    app.add_api_route("/", routes.index, methods=["GET"])
+    read = ["GET", "HEAD"]  # HEAD: what GET would answer, without the body (uptime checks, curl -I)
+    app.add_api_route("/health", routes.health, methods=read)
+    app.add_api_route("/v1/models", routes.models, methods=read)
+    app.add_api_route("/v1/models/{model_id:path}", routes.model, methods=read)  # ids may hold "/" (org/name)
+    app.add_api_route("/metrics", routes.metrics, methods=read)
+    app.add_api_route("/", routes.index, methods=read)
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
     return app
 
 
@@ -402,6 +485,21 @@ def _prometheus(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server listens beyond this machine with no API key; None when it does not."""
+    if api_key:
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+        loopback = (getattr(address, "ipv4_mapped", None) or address).is_loopback
+    except ValueError:  # a name: only localhost is known to stay on this machine
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"WARNING: serving on {host} without an API key: anyone who can reach this port can use the model. "
+            "Set --api-key (or $LMFORGE_API_KEY), or bind 127.0.0.1 to stay on this machine.")
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening-ready socket on host:port (port 0: a free port; read it from getsockname())."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -425,6 +523,9 @@ def run_server(engine: Engine, config: ServerConfig, chat_template: ChatTemplate
     app = create_app(engine, config, chat_template, model_name)
     sock = bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
+    warning = exposure_warning(host, config.api_key)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
                                            timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
     received: list[int] = []

@@ -48,6 +48,15 @@ class QueueFullError(LmforgeError):
     """The waiting queue is full; the server answers 429 and the client should retry later."""
 
 
+class RequestError(ConfigError):
+    """A request the engine cannot take (it does not fit the context, an id is outside the vocabulary);
+    `param` names the request field it comes from, for the server's error body."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class EngineStoppedError(LmforgeError):
     """The engine is shutting down or stopped and takes no new requests (HTTP 503)."""
 
@@ -58,7 +67,7 @@ class EngineConfig:
 
     max_batch_size: int = 8
     max_model_len: int | None = None
-    max_queue: int = 64  # requests waiting for a slot; one more is refused (429)
+    max_queue: int = 64  # requests waiting beyond the free rows; one more is refused (429)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
@@ -115,8 +124,9 @@ class SamplingParams:
         """These options as the GenerationConfig that makes generate() give the same tokens, over the
         model's `defaults` (its eos ids and bos). stop_token_ids stop even with ignore_eos, as in vLLM."""
         eos = [] if self.ignore_eos else list(defaults.eos_token_id or ())
+        seed = None if self.seed is None else self.seed % 2**64  # OpenAI's int64 -> the generator's uint64
         sampling = {} if self.greedy else dict(
-            do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+            do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed)
         return defaults.replace(
             max_new_tokens=self.max_tokens, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -177,7 +187,7 @@ class _Sequence:
         config = request.config
         if config.seed is not None and index % request.n:
             # Choice j of a seeded request draws from seed + j: n samples differ, each reproducible.
-            config = config.replace(seed=config.seed + index % request.n)
+            config = config.replace(seed=(config.seed + index % request.n) % 2**64)
         self.sampler = Sampler(config, prompt_length=len(prompt), device=device)
         # Prompt and output ids for the filters that read them (penalties), filled in as tokens come.
         self.ids = None if self.sampler.process is None else torch.tensor(prompt + [0] * self.params.max_tokens)
@@ -230,6 +240,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
+        self._admitting = 0  # sequences taken from the queue and not yet in a row (or finished)
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -261,45 +272,48 @@ class Engine:
             self._thread.join(timeout=30)
 
     def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
-        """Raise ConfigError when prompt + max_tokens does not fit the context or ids are out of range."""
-        if any(not 0 <= t < self.vocab_limit for t in prompt):
-            bad = next(t for t in prompt if not 0 <= t < self.vocab_limit)
-            raise ConfigError(f"prompt token id {bad} is outside the vocabulary 0..{self.vocab_limit - 1}")
+        """Raise RequestError when prompt + max_tokens does not fit the context or ids are out of range."""
+        self._check_ids("prompt", prompt)
         length = max(1, len(prompt))
         if length + max_tokens > self.max_model_len:
-            raise ConfigError(
+            raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{length + max_tokens} tokens ({length} in the prompt, {max_tokens} in the completion). "
-                "Please reduce the length of the prompt or the completion (max_tokens).")
+                "Please reduce the length of the prompt or the completion (max_tokens).", param="prompt")
+
+    def _check_ids(self, name: str, ids: Any) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_limit), None)
+        if bad is not None:
+            raise RequestError(f"{name} token id {bad} is outside the vocabulary 0..{self.vocab_limit - 1}", param=name)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                callback: Callable[[Output], None] | None = None) -> EngineRequest:
-        """Queue prompts x n sequences; events go to `callback`. Raises ConfigError (does not fit),
-        QueueFullError (queue full) or EngineStoppedError (shutting down)."""
+        """Queue prompts x n sequences; events go to `callback`. Raises RequestError (does not fit),
+        QueueFullError (no free row and the queue full) or EngineStoppedError (shutting down)."""
         if not prompts:
-            raise ConfigError("the request has no prompt")
+            raise RequestError("the request has no prompt", param="prompt")
         if not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n must be an integer >= 1, got {n!r}")
+            raise RequestError(f"n must be an integer >= 1, got {n!r}", param="n")
         if len(prompts) * n > self.max_batch_size:
-            raise ConfigError(f"the request needs {len(prompts) * n} sequences (prompts x n) but the server runs "
-                              f"at most {self.max_batch_size} at once (--max-batch-size)")
+            raise RequestError(f"the request needs {len(prompts) * n} sequences (prompts x n) but the server runs "
+                               f"at most {self.max_batch_size} at once (--max-batch-size)", param="n")
         for prompt in prompts:
             self.check_prompt(prompt, params.max_tokens)
-        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_limit]
-        if bad:
-            raise ConfigError(f"logit_bias token id {bad[0]} is outside the vocabulary 0..{self.vocab_limit - 1}")
+        self._check_ids("logit_bias", params.logit_bias)
+        self._check_ids("stop_token_ids", params.stop_token_ids)
         if any(not p for p in prompts) and self.defaults.start_token_id is None:
-            raise ConfigError("the prompt is empty and the model has no bos or eos token to start from")
+            raise RequestError("the prompt is empty and the model has no bos or eos token to start from",
+                               param="prompt")
         # An empty prompt starts from bos, as in generate().
         request = EngineRequest(next(self._ids), [list(p) or [self.defaults.start_token_id] for p in prompts],
                                 params, params.generation_config(self.defaults), n, callback or (lambda output: None))
         with self._cond:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down and takes no new requests")
-            if self._num_waiting_requests() >= self.config.max_queue:
+            if self._queued_requests(len(request.prompts) * n) > self.config.max_queue:
                 self.counters["requests_rejected"] += 1
-                raise QueueFullError(f"the server is busy: {self.config.max_queue} requests are already waiting; "
-                                     "retry later")
+                raise QueueFullError(f"the server is busy: every row runs and {self.config.max_queue} requests are "
+                                     "already waiting; retry later")
             for i, prompt in enumerate(request.prompts):
                 for j in range(n):
                     self._waiting.append(_Sequence(request, i * n + j, prompt, self.tokenizer, self.device))
@@ -349,6 +363,20 @@ class Engine:
 
     def _num_waiting_requests(self) -> int:
         return len({id(s.request) for s in self._waiting})
+
+    def _queued_requests(self, new_sequences: int) -> int:
+        """How many waiting requests, a new one of `new_sequences` last, free rows cannot take at once: the
+        queue proper. Rows are taken first come, first served, so once one request does not fit, none
+        behind it does. Called with the lock held."""
+        free = self.max_batch_size - len(self.rows) - self._admitting
+        per_request: dict[int, int] = {}
+        for seq in self._waiting:
+            per_request[id(seq.request)] = per_request.get(id(seq.request), 0) + 1
+        queued = 0
+        for count in [*per_request.values(), new_sequences]:
+            free -= count
+            queued += free < 0
+        return queued
 
     def metrics(self) -> dict[str, Any]:
         """Counters and gauges (a snapshot; /metrics serves them in Prometheus' text format)."""
@@ -427,10 +455,11 @@ class Engine:
                 if not self._waiting:
                     return
                 seq = self._waiting.popleft()
+                self._admitting = 1  # holds its row for admission control until it is in self.rows
             request = seq.request
-            if request.cancelled:
-                continue
             try:
+                if request.cancelled:
+                    continue
                 if prefilled is None or prefilled[0] is not request or prefilled[1] is not seq.prompt:
                     prefilled = (request, seq.prompt, *self._prefill(seq.prompt))
                 _, _, cache, logits = prefilled
@@ -444,6 +473,9 @@ class Engine:
                 log.exception("request %s failed", request.id)
                 self._fail(request, f"{type(e).__name__}: {e}")
                 self._drop_cancelled()
+            finally:
+                with self._cond:
+                    self._admitting = 0
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lmforge._io import atomic_path
+from lmforge._io import atomic_path, check_writable
 from lmforge.errors import ConfigError, DataError
 from lmforge.tasks.data import Record, read_records
 from lmforge.tasks.pipelines import TASK_ALIASES
@@ -86,10 +86,11 @@ def _results(pipe: Any, kind: str, rows: list[dict[str, Any]], field: str, optio
 def run_file(
     task: str, model: Any, input_path: str | os.PathLike, output_path: str | os.PathLike, *,
     field: str | None = None, batch_size: int = 8, device: str | None = None, dtype: str | None = None,
-    tokenizer: Any = None, progress: bool | None = None, **generate_kwargs: Any,
+    quantize: str | None = None, tokenizer: Any = None, progress: bool | None = None, **generate_kwargs: Any,
 ) -> RunSummary:
     """Apply the `task` pipeline of `model` to every row of `input_path` and write `output_path`
-    (JSONL, atomically). generate_kwargs (max_new_tokens, num_beams, ...) go to generative tasks."""
+    (JSONL, atomically). generate_kwargs (max_new_tokens, num_beams, ...) go to generative tasks;
+    quantize ("int8") quantizes the model's weights (lmforge.quantize)."""
     import time
 
     from tqdm.auto import tqdm
@@ -103,9 +104,11 @@ def run_file(
     if kind == "text-classification" and options:
         raise ConfigError(f"{task} does not generate; generation options {sorted(options)} do not apply")
     fields = input_fields(kind, field)
+    check_writable(output_path, ConfigError, "--output")  # before any row is read or generated
     records = read_inputs(input_path, fields)
     start = time.perf_counter()
-    pipe = pipeline(task, model=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size)
+    pipe = pipeline(task, model=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
+                    quantize=quantize)
     with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         bar = tqdm(total=len(records), unit="row", desc=f"{kind}", disable=None if progress is None else not progress)
         for i in range(0, len(records), batch_size):

@@ -35,17 +35,41 @@ class Record:
 def iter_jsonl(path: str | os.PathLike, option: str = "--data") -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of every non-blank line of a JSONL file; a missing file or a line
     that is not JSON fails naming the option and `file:line`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{option} {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    path = check_input_file(path, option)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{option} {path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); convert the file to UTF-8 (e.g. iconv -t UTF-8)") from None
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{option} {path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+
+
+def check_input_file(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a Path when it is a readable file; a DataError naming the option otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{option} {path}: is a directory; pass a file")
+    if not path.is_file():
+        raise DataError(f"{option} {path}: no such file")
+    return path
+
+
+def read_text_file(path: str | os.PathLike, option: str) -> str:
+    """The whole of a UTF-8 text file; a file that is not UTF-8 fails naming it, the line and the byte."""
+    data = check_input_file(path, option).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{option} {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"convert the file to UTF-8 (e.g. iconv -t UTF-8)") from None
 
 
 def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: str = "--train") -> list[Record]:

@@ -3,9 +3,11 @@
     finetune_classifier(config, model="gpt2", train="train.jsonl", val="val.jsonl")   # accuracy / macro F1
     finetune_sft(config, model="gpt2", train=..., val=..., task="translation")       # loss on responses only
 
-Both start from an lmforge or Hugging Face GPT-2 checkpoint (or, for offline smoke runs, a preset
-with random weights), optionally train LoRA adapters only, and save through the model's
-save_pretrained, so `lmforge generate`, `evaluate` and the server load the result.
+Both start from a checkpoint, `model=`: an existing directory, else a Hugging Face Hub name (the
+rule of every lmforge command: "gpt2" is OpenAI's GPT-2). Random weights only when asked for by
+name, `preset=` (offline smoke runs), and then a note says so. Optionally train LoRA adapters
+only; the result is saved through the model's save_pretrained, so `lmforge generate`, `evaluate`
+and the server load it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Hashable, Sequence
 
 import torch
 
-from lmforge.config import PRESETS, preset
+from lmforge.config import PRESETS, checked, preset as preset_config
 from lmforge.errors import ConfigError, DataError
 from lmforge.model import GPT, load_model
 from lmforge.tasks.classification import (
@@ -33,6 +34,7 @@ from lmforge.training.config import TrainConfig
 from lmforge.training.trainer import Trainer, TrainResult, causal_lm_loss
 
 
+@checked
 @dataclass
 class LoRASettings:
     rank: int = 8
@@ -74,13 +76,34 @@ class Notes(list):
 # ---- shared pieces -----------------------------------------------------------------------------
 
 
-def load_tokenizer(spec: str | None, model_spec: str) -> Any:
-    """--tokenizer: "byte", a directory / Hub name, or (default) the model's own."""
+def load_tokenizer(spec: str | None, model_spec: str | None) -> Any:
+    """--tokenizer: "byte", a directory / Hub name, or (default) the model's own; a preset (model_spec
+    None) has none of its own and takes the byte-level one."""
     from lmforge.tokenizer import Tokenizer
 
-    if spec == "byte" or (spec is None and model_spec in PRESETS):
+    if spec == "byte" or (spec is None and model_spec is None):
         return Tokenizer.byte_level()
     return Tokenizer.from_pretrained(spec or model_spec)
+
+
+def base_name(model: str | None, preset: str | None) -> str:
+    """The one base of a fine-tuning run: model= (a directory or Hub name) or preset= (random weights)."""
+    if (model is None) == (preset is None):
+        raise ConfigError("give the base model as model= (a checkpoint directory or Hub name, e.g. 'gpt2') or, "
+                          "for random weights, preset= (e.g. 'tiny'); exactly one of them")
+    if preset is not None and preset not in PRESETS:
+        preset_config(preset)  # fails naming the presets, before any data is read
+    return model if model is not None else f"preset:{preset}"
+
+
+def random_config(preset: str, tok: Any, notes: list[str]) -> Any:
+    """The GPTConfig of `preset` sized for the tokenizer, its special ids the tokenizer's; the note
+    says that training starts from random weights."""
+    config = preset_config(preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    notes.append(f"starting from random weights: preset {preset!r} ({config.n_layer} layers, n_embd {config.n_embd}); "
+                 f"to fine-tune a pretrained model pass --model DIR_OR_HUB_NAME")
+    return config
 
 
 def check_vocab(tok: Any, vocab_size: int, model: str, tokenizer: str | None) -> None:
@@ -103,10 +126,6 @@ def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -
     if top >= vocab_size:
         raise DataError(f"{what}: the data encodes to token id {top}, beyond the model's vocabulary of {vocab_size}; "
                         f"the tokenizer does not match the model (use the model's own tokenizer)")
-
-
-def _is_preset(spec: str) -> bool:
-    return spec in PRESETS and not Path(spec).exists()
 
 
 def _label_key(label: Any, where: str) -> Hashable:
@@ -162,15 +181,17 @@ def _finish(config: TrainConfig, dist: D.DistInfo, plot: bool, notes: list[str])
 
 
 def finetune_classifier(
-    config: TrainConfig, model: str, train: str, val: str | None = None, *, text_field: str = "text",
+    config: TrainConfig, model: str | None, train: str, val: str | None = None, *, text_field: str = "text",
     label_field: str = "label", tokenizer: str | None = None, class_weights: str | Sequence[float] | None = None,
     lora: LoRASettings | None = None, max_length: int | None = None, eval_limit: int | None = None,
-    group_by_length: bool = False, verbose: bool = True, plot: bool = True,
+    group_by_length: bool = False, verbose: bool = True, plot: bool = True, preset: str | None = None,
 ) -> FinetuneOutcome:
-    """Train a sequence classifier: labels from the data, accuracy and macro F1 on val after every
-    evaluation, the best (by accuracy unless config.best_metric says otherwise) kept in RUN/best."""
+    """Train a sequence classifier on `model` (a checkpoint directory or Hub name), or on random
+    weights of `preset`: labels from the data, accuracy and macro F1 on val after every evaluation,
+    the best (by accuracy unless config.best_metric says otherwise) kept in RUN/best."""
     from lmforge import metrics
 
+    base = base_name(model, preset)
     dist = D.init_distributed(config.device)
     torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
     notes = Notes(verbose and dist.is_main)
@@ -182,11 +203,11 @@ def finetune_classifier(
     if val_records:
         _check_val_labels(labels, val_records, label_field, train)
     tok = load_tokenizer(tokenizer, model)
-    if _is_preset(model):
-        clf = GPTForSequenceClassification(preset(model, vocab_size=tok.vocab_size), labels)
+    if preset is not None:
+        clf = GPTForSequenceClassification(random_config(preset, tok, notes), labels)
     else:
         clf = GPTForSequenceClassification.from_pretrained(model, labels=labels, device="cpu", dtype="fp32")
-    check_vocab(tok, clf.config.vocab_size, model, tokenizer)
+    check_vocab(tok, clf.config.vocab_size, base, tokenizer)
     pad = next(i for i in (tok.pad_token_id, clf.config.pad_token_id, tok.eos_token_id, 0) if i is not None)
     clf.config.pad_token_id = pad  # transformers finds the last real token through it
     limit = min(max_length or clf.config.n_positions, clf.config.n_positions)
@@ -205,7 +226,7 @@ def finetune_classifier(
     counts = torch.bincount(torch.tensor([y for _, y in train_examples]), minlength=len(labels)).tolist()
     notes.append("labels: " + ", ".join(f"{label!r} ({n})" for label, n in zip(labels, counts)))
     weights = _class_weights(class_weights, [y for _, y in train_examples], len(labels))
-    net = _maybe_lora(clf, lora, model, notes)
+    net = _maybe_lora(clf, lora, base, notes)
     collate = functools.partial(collate_classification, pad_id=pad)
     source = ShuffledSource(train_examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
                             world_size=dist.world_size,
@@ -228,7 +249,7 @@ def finetune_classifier(
 
     if config.best_metric is None:
         config = config.replace(best_metric="accuracy" if eval_fn else None, best_mode="max")
-    extra = {"task": "classify", "base_model": model, "labels": [str(x) for x in labels],
+    extra = {"task": "classify", "base_model": base, "labels": [str(x) for x in labels],
              "data": {"train": str(train), "val": str(val) if val else None, "text_field": text_field,
                       "label_field": label_field, "train_examples": len(train_examples),
                       "group_by_length": group_by_length},
@@ -260,13 +281,16 @@ def _class_weights(spec: str | Sequence[float] | None, label_ids: list[int], k: 
 
 
 def finetune_sft(
-    config: TrainConfig, model: str, train: str, val: str | None = None, *, task: str = "custom",
+    config: TrainConfig, model: str | None, train: str, val: str | None = None, *, task: str = "custom",
     prompt_template: str | None = None, response_template: str | None = None, document_field: str | None = None,
     tokenizer: str | None = None, pack: bool = False, lora: LoRASettings | None = None,
     max_length: int | None = None, group_by_length: bool = False, verbose: bool = True, plot: bool = True,
+    preset: str | None = None,
 ) -> FinetuneOutcome:
-    """Train a language model on prompt -> response pairs (loss on response tokens only); the
-    template is stored in the saved config.json so pipelines and evaluation reuse it."""
+    """Train a language model, `model` (a checkpoint directory or Hub name) or random weights of
+    `preset`, on prompt -> response pairs (loss on response tokens only); the template is stored in
+    the saved config.json so pipelines and evaluation reuse it."""
+    base = base_name(model, preset)
     dist = D.init_distributed(config.device)
     torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
     template = make_template(task, prompt_template, response_template, document_field)
@@ -276,8 +300,11 @@ def finetune_sft(
     tok = load_tokenizer(tokenizer, model)
     if tok.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos token; SFT ends every response with eos")
-    gpt = GPT(preset(model, vocab_size=tok.vocab_size)) if _is_preset(model) else load_model(model, dtype="fp32", device="cpu")
-    check_vocab(tok, gpt.config.vocab_size, model, tokenizer)
+    if preset is not None:
+        gpt = GPT(random_config(preset, tok, notes))
+    else:
+        gpt = load_model(model, dtype="fp32", device="cpu")
+    check_vocab(tok, gpt.config.vocab_size, base, tokenizer)
     gpt.config.extra[CONFIG_KEY] = template.to_dict()
     limit = min(max_length or gpt.config.n_positions, gpt.config.n_positions)
     examples, stats = build_sft_examples(records, tok, template, limit)
@@ -293,7 +320,7 @@ def finetune_sft(
         before = len(examples)
         examples = pack_examples([examples[i] for i in order], limit)
         notes.append(f"packing: {before} examples in {len(examples)} rows of up to {limit + 1} tokens")
-    net = _maybe_lora(gpt, lora, model, notes)
+    net = _maybe_lora(gpt, lora, base, notes)
     collate = functools.partial(collate_sft, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     source = ShuffledSource(examples, config.batch_size, collate, seed=config.seed, rank=dist.rank,
                             world_size=dist.world_size, lengths=[len(ex) for ex in examples] if group_by_length else None)
@@ -301,7 +328,7 @@ def finetune_sft(
                              world_size=dist.world_size) if val_examples else None
     if config.best_metric is None and val_source is not None:
         config = config.replace(best_metric="val_loss", best_mode="min")
-    extra = {"task": f"sft:{task}", "base_model": model, "template": template.to_dict(), "pack": pack,
+    extra = {"task": f"sft:{task}", "base_model": base, "template": template.to_dict(), "pack": pack,
              "data": {"train": str(train), "val": str(val) if val else None, "train_examples": stats.examples,
                       "truncated": stats.truncated, "max_length": limit,
                       "group_by_length": group_by_length},

@@ -35,6 +35,7 @@ from lmforge.checkpoint import copy_state, load_config
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.families import family_for
 from lmforge.model import load_model
+from lmforge.quantize import Int8Linear, model_quantization, training_refused
 from lmforge.tasks.classification import GPTForSequenceClassification, labels_from_config
 from lmforge.tokenizer import Tokenizer
 
@@ -56,6 +57,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+        if isinstance(base, Int8Linear):
+            raise training_refused("LoRA on a quantized layer")
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
@@ -128,6 +131,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 def _require_plain(model: nn.Module) -> None:
     if isinstance(model, LoRAModel):
         raise ConfigError("the model already has LoRA adapters; merge them (merge_lora) before adding new ones")
+    if model_quantization(model) is not None:
+        raise training_refused("LoRA")
 
 
 # What to wrap: module name -> None (one pair on all its rows) or {part name: its (start, stop) rows}.

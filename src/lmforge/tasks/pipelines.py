@@ -22,6 +22,7 @@ import torch
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.model import load_model
+from lmforge.quantize import check_mode, quantize_model
 from lmforge.tasks.sft import CONFIG_KEY, TEMPLATES, SFTTemplate
 
 TASK_ALIASES = {
@@ -38,12 +39,14 @@ MAX_NEW_TOKENS = {"text-generation": 50, "translation": 64, "summarization": 64,
 def pipeline(
     task: str, model: Any = None, tokenizer: Any = None, device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None, batch_size: int = 8, template: SFTTemplate | None = None,
+    quantize: str | None = None,
 ) -> "Pipeline":
     """A callable for `task` over `model` (a directory, Hub name, or a loaded model).
 
     tokenizer: a Tokenizer or a path (default: the model directory's). device: where to run
     ("auto" picks cuda, mps, cpu; default: "auto" for a path, the model's own device for an object).
     template: the prompt template of translation / summarization / question answering.
+    quantize: "int8" quantizes the model's linear layers (in place for a loaded model; lmforge.quantize).
     """
     kind = TASK_ALIASES.get(task)
     if kind is None and task.startswith("translation_"):
@@ -52,7 +55,7 @@ def pipeline(
         raise ConfigError(f"unknown pipeline task {task!r}: use one of {', '.join(TASK_ALIASES)}")
     if model is None:
         raise ConfigError(f"pipeline({task!r}) needs model=: a checkpoint directory, a Hub name or a loaded model")
-    model = _load(kind, model, device, dtype)
+    model = _load(kind, model, device, dtype, quantize)
     tokenizer = _tokenizer(model, tokenizer)
     cls = {"text-generation": TextGenerationPipeline, "text-classification": TextClassificationPipeline,
            "translation": Text2TextPipeline, "summarization": Text2TextPipeline,
@@ -60,13 +63,16 @@ def pipeline(
     return cls(kind, model, tokenizer, batch_size, template)
 
 
-def _load(kind: str, model: Any, device: Any, dtype: Any) -> torch.nn.Module:
+def _load(kind: str, model: Any, device: Any, dtype: Any, quantize: str | None = None) -> torch.nn.Module:
+    if quantize is not None:
+        check_mode(quantize)
     if isinstance(model, (str, os.PathLike)):
         if kind == "text-classification":
             from lmforge.tasks.classification import GPTForSequenceClassification
 
-            return GPTForSequenceClassification.from_pretrained(model, device=device or "auto", dtype=dtype)
-        return load_model(model, dtype=dtype, device=device or "auto").optimize_for_decoding()
+            classifier = GPTForSequenceClassification.from_pretrained(model, device=device or "auto", dtype=dtype)
+            return classifier if quantize is None else quantize_model(classifier, quantize)
+        return load_model(model, dtype=dtype, device=device or "auto", quantize=quantize).optimize_for_decoding()
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model= must be a path, a Hub name or a model, got {type(model).__name__}")
     if kind == "text-classification" and not hasattr(model, "labels"):
@@ -77,6 +83,8 @@ def _load(kind: str, model: Any, device: Any, dtype: Any) -> torch.nn.Module:
         from lmforge.device import resolve_device, resolve_dtype
 
         model = model.to(device=resolve_device(device) if device is not None else None, dtype=resolve_dtype(dtype))
+    if quantize is not None:
+        quantize_model(model, quantize)
     return model.eval()
 
 

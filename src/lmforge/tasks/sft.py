@@ -12,12 +12,14 @@ when pretraining on concatenated documents).
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from lmforge.config import checked
 from lmforge.errors import ConfigError, DataError
 from lmforge.tasks.data import Record
 
@@ -26,18 +28,34 @@ from lmforge.tasks.data import Record
 CONFIG_KEY = "lmforge_sft"  # config.json key that records the template a model was tuned with
 
 
+# The largest number a slot's format spec may hold (a width or a precision): "{text:>999999999}"
+# would build a gigabyte string for every row.
+MAX_FORMAT_NUMBER = 1000
+_INDEXES = re.compile(r"(\[[^\[\]]*\])*")
+
+
 def template_fields(text: str) -> list[str]:
-    """The row fields a format string reads (`{answers[0]}` reads `answers`)."""
+    """The row fields a format string reads (`{answers[0]}` reads `answers`). ValueError for a slot
+    that names no field, reads an attribute (`{x.__class__}`), nests a slot in its format spec, or
+    asks for a width or precision above MAX_FORMAT_NUMBER."""
     names = []
-    for _, name, _, _ in string.Formatter().parse(text):
-        if name:
-            base = name.split("[", 1)[0].split(".", 1)[0]
-            if not base or base.isdigit():
-                raise ValueError(f"slot {{{name}}} must name a field")
-            names.append(base)
+    for _, name, spec, _ in string.Formatter().parse(text):
+        if name is None:
+            continue
+        base, rest = re.match(r"([^.\[]*)(.*)", name, re.DOTALL).groups()
+        if not base or base.isdigit():
+            raise ValueError(f"slot {{{name}}} must name a field")
+        if not _INDEXES.fullmatch(rest):
+            raise ValueError(f"slot {{{name}}} reads an attribute; use {{field}} or {{field[0]}} / {{field[key]}}")
+        if spec and "{" in spec:
+            raise ValueError(f"slot {{{name}:{spec}}} has a slot inside its format spec")
+        if spec and any(int(n) > MAX_FORMAT_NUMBER for n in re.findall(r"\d+", spec)):
+            raise ValueError(f"slot {{{name}:{spec}}} asks for a width or precision above {MAX_FORMAT_NUMBER}")
+        names.append(base)
     return names
 
 
+@checked
 @dataclass(frozen=True)
 class SFTTemplate:
     """How a row becomes (prompt, response). `{field}` slots (`{answers[0]}` indexes a list);

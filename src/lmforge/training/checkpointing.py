@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from lmforge._io import write_json_atomic, write_text_atomic
-from lmforge.errors import TrainingError
+from lmforge._io import directory_lock, remove_stale_temps, write_json_atomic, write_text_atomic
+from lmforge.errors import LmforgeError, TrainingError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -59,10 +59,17 @@ def write_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
             os.replace(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise TrainingError(f"could not write {target}: {e}; the previous checkpoint is intact "
+        if isinstance(e, Exception) and not isinstance(e, LmforgeError):
+            # A full disk reaches us as OSError, or as torch.save's RuntimeError or safetensors' own
+            # error type: whichever writer failed, the folder was not replaced.
+            raise TrainingError(f"could not write {target}: {_reason(e)}; the previous checkpoint is intact "
                                 f"(free disk space, then resume with --resume)") from e
         raise
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _fsync_tree(root: Path) -> None:
@@ -106,13 +113,25 @@ class RunDir:
             raise TrainingError(f"{path} is not valid JSON ({e}); it is not an lmforge run directory") from None
 
     def write_config(self, config: dict[str, Any]) -> None:
-        write_json_atomic(self.path / CONFIG_FILE, config)
+        try:
+            write_json_atomic(self.path / CONFIG_FILE, config)
+        except OSError as e:
+            raise TrainingError(f"could not write {self.path / CONFIG_FILE}: {_reason(e)}") from e
+
+    def lock(self):
+        """Hold the run directory (which must exist) for this process: a second run there refuses,
+        naming this one's PID. Nests within one process; released when the process dies."""
+        return directory_lock(self.path, TrainingError, "training run")
 
     # ---- metrics -----------------------------------------------------------------------------
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise TrainingError(f"could not append to {self.metrics_file}: {_reason(e)}; the last checkpoint is "
+                                f"intact (free disk space, then resume with --resume)") from e
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_file.is_file():
@@ -128,7 +147,10 @@ class RunDir:
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after `step` (a resumed run logs those steps again)."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        write_text_atomic(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+        try:
+            write_text_atomic(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+        except OSError as e:
+            raise TrainingError(f"could not rewrite {self.metrics_file}: {_reason(e)}") from e
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -175,12 +197,14 @@ class RunDir:
         return done[-1] if done else None
 
     def remove_partial_writes(self) -> None:
-        """Delete temporary folders a killed run left behind."""
+        """Delete temporary folders and files a killed run left behind (call it holding the lock)."""
         for parent in (self.checkpoints, self.path):
             if parent.is_dir():
                 for p in parent.iterdir():
                     if p.name.startswith(_TMP_PREFIX):
                         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if self.path.is_dir():
+            remove_stale_temps(self.path, [CONFIG_FILE, METRICS_FILE, LATEST_FILE])
 
     @staticmethod
     def load_state(checkpoint: Path) -> dict[str, Any]:

@@ -7,13 +7,14 @@ directory stores the resolved values as JSON, so a run can always be read back a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import check_known_fields
+from lmforge.config import check_known_fields, checked, load_yaml
 from lmforge.errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -25,8 +26,13 @@ RESUMABLE_CHANGES = frozenset({
     "max_steps", "max_tokens", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
     "keep_last", "progress", "resume", "device", "compile", "out_dir",
 })
+# Where the data lay (a run directory or a dataset folder may move): not compared on --resume.
+LOCATION_KEYS = frozenset({"data.directory"})
+# How the run was asked for (e.g. the --data paths), kept so --resume can reuse it: not compared.
+INFORMATIONAL_PREFIXES = ("recipe.",)
 
 
+@checked
 @dataclass
 class TrainConfig:
     """One training run. Batch sizes are per process: the global batch of one optimizer step is
@@ -111,7 +117,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "training config") -> "TrainConfig":
         check_known_fields(cls, d, f"{where}: unknown key")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -125,9 +134,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}  # YAML 1.2 numbers: `lr: 1e-3` is a number
         elif path.suffix == ".toml":
             import tomllib
 
@@ -147,12 +154,31 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two resolved run configs (nested dicts are walked),
-    ignoring the options in RESUMABLE_CHANGES. A key the saved config does not have at all was added
-    by a later lmforge (e.g. model.family): the saved run ran with that key's default, so a run made
-    by an earlier version still resumes."""
+    ignoring the options in RESUMABLE_CHANGES and where things are (LOCATION_KEYS): a run directory
+    or a dataset may move. Data is compared by what it is: when both configs give data.fingerprint,
+    the other data.* keys (which describe the same data) are not compared. A key the saved config
+    does not have at all was added by a later lmforge (e.g. model.family): the saved run ran with
+    that key's default, so a run made by an earlier version still resumes."""
     a, b = _flatten(saved), _flatten(current)
-    keys = {k for k in a if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES}
+    by_fingerprint = "data.fingerprint" in a and "data.fingerprint" in b
+    keys = {k for k in a if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and k not in LOCATION_KEYS
+            and not k.startswith(INFORMATIONAL_PREFIXES)
+            and not (by_fingerprint and k.startswith("data.") and k != "data.fingerprint")}
     return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
+
+
+def check_metric_name(name: str | None, available: list[str], where: str = "best_metric") -> None:
+    """Refuse a metric name the run will never report (a typo such as val_los) before training
+    starts, with a "did you mean"."""
+    if name is None or name in available:
+        return
+    if not available:
+        raise ConfigError(f"{where}={name!r}: this run reports no validation metrics; give it validation data "
+                          f"(and eval_batches > 0), or drop {where}")
+    hint = difflib.get_close_matches(name, available, n=1)
+    did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+    raise ConfigError(f"{where}={name!r} is not a validation metric of this run; {did_you_mean}"
+                      f"available: {', '.join(available)}")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

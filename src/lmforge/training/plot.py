@@ -35,6 +35,12 @@ def read_run_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not run.path.is_dir():
         raise DataError(f"{run.path} is not a directory; give the --out directory of a training run")
     if not run.metrics_file.is_file():
+        if (run.path / "config.json").is_file() and (run.path.parent / METRICS_FILE).is_file():
+            raise DataError(f"{run.path} is a model saved by a training run; plot the run itself: "
+                            f"lmforge plot {run.path.parent}")
+        if (run.path / "config.json").is_file():
+            raise DataError(f"{run.path} is a model directory, not a training run (it has no {METRICS_FILE}); "
+                            "give the --out directory of a training run")
         raise DataError(f"{run.path}: no training log found (no {METRICS_FILE}); "
                         "give the --out directory of a training run")
     return [r for r in run.read_metrics() if isinstance(r, dict) and "event" not in r]

@@ -18,15 +18,16 @@ import torch
 from lmforge.char_tokenizer import CharTokenizer
 from lmforge.model import load_model
 from lmforge.config import PRESETS, GPTConfig, preset
-from lmforge.data import HEADER_FILE, TokenDataset, prepare
+from lmforge.data import HEADER_FILE, TokenDataset, dataset_fingerprint, file_sha256, prepare, read_header
 from lmforge.errors import ConfigError, DataError
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer, TokenizerBase
 from lmforge.training import distributed as D
-from lmforge.training.config import TrainConfig
+from lmforge.training.checkpointing import RunDir
+from lmforge.training.config import TrainConfig, check_metric_name
 from lmforge.training.plot import plot_run
 from lmforge.training.sources import RandomBlocks, fixed_blocks
-from lmforge.training.trainer import Trainer, TrainResult
+from lmforge.training.trainer import RunSession, Trainer, TrainResult
 
 EMBEDDED_CORPUS = "python-help"
 DATA_DIR = "data"  # prepared data of a run made from raw text lives in RUN_DIR/data
@@ -65,17 +66,32 @@ def make_tokenizer(spec: str | None, files: Sequence[Path], field: str = "text")
 
 
 def resolve_dataset(data: str | Sequence[str] | None, out_dir: Path, tokenizer: str | None, *, val_fraction: float,
-                    field: str, dist: D.DistInfo, resume: bool) -> Path:
+                    field: str, dist: D.DistInfo, resume: bool, saved: dict[str, Any] | None = None) -> Path:
     """A prepared dataset directory: `data` itself when it is one, else raw text prepared into
-    RUN_DIR/data (by rank 0; the others wait)."""
+    RUN_DIR/data (by rank 0; the others wait).
+
+    Resuming (`saved` is the run's config): no `data` means the run's own data (RUN_DIR/data, or
+    the prepared directory it was trained on); raw text is checked against what RUN_DIR/data was
+    prepared from, by content, and refused when it differs; a prepared directory is compared by
+    fingerprint when the trainer starts.
+    """
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data or [])
     if len(items) == 1 and (Path(items[0]) / HEADER_FILE).is_file():
         if tokenizer is not None:
             raise ConfigError(f"--tokenizer applies to raw text; {items[0]} is already prepared with its own tokenizer")
         return Path(items[0])
     target = out_dir / DATA_DIR
-    if resume and (target / HEADER_FILE).is_file():
-        return target
+    if resume and saved is not None:
+        if (target / HEADER_FILE).is_file():
+            if items:
+                _check_same_sources(items, target, out_dir)
+            return target
+        if not items:
+            was = Path(str(saved.get("data", {}).get("directory", "")))
+            if was.parts and (was / HEADER_FILE).is_file():
+                return was
+            raise DataError(f"--resume: {out_dir} was trained on {was}, which no longer holds a prepared dataset; "
+                            f"pass that data with --data")
     if dist.is_main:
         files = items or [embedded_corpus(target / "source")]
         from lmforge.corpus import expand_files
@@ -85,6 +101,24 @@ def resolve_dataset(data: str | Sequence[str] | None, out_dir: Path, tokenizer: 
         prepare(expanded, tok, target, val_fraction=val_fraction, field=field, show_progress=True)
     D.barrier(dist)
     return target
+
+
+def _check_same_sources(items: list, prepared: Path, out_dir: Path) -> None:
+    """Refuse resuming on text other than what RUN_DIR/data was prepared from (same bytes in the same
+    order; the files may have moved)."""
+    from lmforge.corpus import expand_files
+
+    files = expand_files(items)
+    inputs = read_header(prepared).get("inputs", [])
+    same = len(files) == len(inputs) and all(
+        f.stat().st_size == i.get("bytes") and ("sha256" not in i or file_sha256(f) == i["sha256"])
+        for f, i in zip(files, inputs))
+    if not same:
+        was = ", ".join(str(i.get("path")) for i in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
+        now = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
+        raise DataError(f"--resume: {out_dir} was trained on data prepared from {was} ({prepared}), but --data now "
+                        f"gives different text ({now}); resume with the same data (or leave out --data), or start "
+                        f"a new --out directory")
 
 
 def build_model(spec: str, vocab_size: int, block_size: int | None, dropout: float | None) -> GPT:
@@ -127,11 +161,31 @@ def pretrain(
     plot: bool = True,
 ) -> PretrainOutcome:
     """Pretrain `model` on `data` (text files / globs, a prepared dataset, or None for the embedded
-    corpus) with the causal-LM loss, then plot the run and sample from the final model."""
+    corpus) with the causal-LM loss, then plot the run and sample from the final model.
+
+    With config.resume, data None means the run's own data. The run directory is locked for the
+    whole call; a call that fails before training starts leaves no folders behind."""
+    check_metric_name(config.best_metric, ["val_loss", "val_ppl"] if config.eval_batches > 0 else [])
     dist = D.init_distributed(config.device)
     out_dir = Path(config.out_dir)
-    data_dir = resolve_dataset(data, out_dir, tokenizer, val_fraction=val_fraction, field=field, dist=dist,
-                               resume=config.resume)
+    run = RunDir(out_dir)
+    with RunSession(run, dist).hold() as session:
+        saved = run.read_config() if config.resume else None
+        if not (out_dir / DATA_DIR).exists():
+            session.made.append(out_dir / DATA_DIR)
+        data_dir = resolve_dataset(data, out_dir, tokenizer, val_fraction=val_fraction, field=field, dist=dist,
+                                   resume=config.resume, saved=saved)
+        recipe = {"data": [str(x) for x in ([data] if isinstance(data, (str, os.PathLike)) else data or [])] or None,
+                  "tokenizer": tokenizer, "val_fraction": val_fraction, "field": field, "dropout": dropout}
+        if saved is not None and data is None:  # resumed on the run's own data: keep how it was made
+            recipe["data"] = saved.get("recipe", {}).get("data")
+        return _pretrain(config, data_dir, model, recipe, dist, num_samples=num_samples, sample_length=sample_length,
+                         plot=plot)
+
+
+def _pretrain(config: TrainConfig, data_dir: Path, model: str, recipe: dict[str, Any], dist: D.DistInfo, *,
+              num_samples: int, sample_length: int, plot: bool) -> PretrainOutcome:
+    out_dir, dropout = Path(config.out_dir), recipe["dropout"]
     train_set = TokenDataset(data_dir, "train")
     tok = train_set.tokenizer
     torch.manual_seed(config.seed)  # the same initial weights for the same seed (DDP then broadcasts rank 0's)
@@ -143,13 +197,18 @@ def pretrain(
     source = RandomBlocks(train_set, config.batch_size, block, seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     val = _val_source(data_dir, config, block, dist)
     extra = {"model": gpt.config.to_dict(), "model_spec": model,
-             "data": {"directory": str(data_dir), "train_tokens": len(train_set), "vocab_size": train_set.vocab_size}}
+             "data": {"directory": str(data_dir), "fingerprint": dataset_fingerprint(train_set.header),
+                      "train_tokens": len(train_set), "vocab_size": train_set.vocab_size},
+             "recipe": recipe}
     trainer = Trainer(gpt, config, source, val, tokenizer=tok, extra_config=extra, dist=dist)
     result = trainer.train()
     plot_path = samples = None
     if dist.is_main:
         plot_path = plot_run(out_dir) if plot else None
-        samples = sample(gpt, tok, num_samples, sample_length, seed=config.seed) if num_samples else []
+        if num_samples and not result.nothing_to_do:
+            # trainer.final_model: under FSDP the trained weights are shards; this is the gathered whole
+            final = trainer.final_model.to(dist.device)
+            samples = sample(final, tok, num_samples, sample_length, seed=config.seed)
     D.shutdown(dist)
     return PretrainOutcome(result, plot_path, samples or [])
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge._io import make_dirs, remove_empty_dirs
 from lmforge.errors import TrainingError
 from lmforge.training import distributed as D
-from lmforge.training.checkpointing import RunDir, write_dir_atomic
-from lmforge.training.config import TrainConfig, config_differences
+from lmforge.training.checkpointing import CONFIG_FILE, RunDir, write_dir_atomic
+from lmforge.training.config import RESUMABLE_CHANGES, TrainConfig, check_metric_name, config_differences
 from lmforge.training.flops import flops_per_token, matmul_peak_flops
 from lmforge.training.optim import learning_rate, make_optimizer
 
@@ -61,6 +63,47 @@ class TrainResult:
     elapsed: float
     stopped_by: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None  # the checkpoint step a --resume continued from
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """A --resume of a run that had already reached its stopping point."""
+        return self.resumed_from is not None and self.step == self.resumed_from
+
+
+class RunSession:
+    """One process's hold on a run directory for a run's lifetime: the lock (rank 0 takes it; every
+    rank learns whether it got it), and on failure before the run started (no config.json yet) the
+    removal of what this invocation created there, so a failed start leaves no empty folders."""
+
+    def __init__(self, run: RunDir, dist: D.DistInfo) -> None:
+        self.run, self.dist = run, dist
+        self.created: list[Path] = []  # folders made for the run (outermost first)
+        self.made: list[Path] = []  # folders filled for the run, removed whole if it never starts
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator["RunSession"]:
+        lock, error = contextlib.ExitStack(), None
+        if self.dist.is_main:
+            try:
+                self.created = make_dirs(self.run.path)
+                lock.enter_context(self.run.lock())
+            except (TrainingError, OSError) as e:
+                error = e if isinstance(e, TrainingError) else TrainingError(
+                    f"cannot use {self.run.path} as the run directory: {e.strerror or e}; choose another --out")
+                remove_empty_dirs(self.created)
+        if not D.broadcast_flag(error is None, self.dist):
+            raise error or TrainingError(f"{self.run.path} is in use by another run (rank 0 says which)")
+        try:
+            yield self
+        except BaseException:
+            lock.close()
+            if self.dist.is_main and not (self.run.path / CONFIG_FILE).exists():
+                for p in self.made:
+                    shutil.rmtree(p, ignore_errors=True)
+                remove_empty_dirs(self.created)
+            raise
+        lock.close()
 
 
 class Trainer:
@@ -71,7 +114,7 @@ class Trainer:
     returning an iterable of batches. loss_fn(model, batch) -> (loss sum, item count).
     eval_fn(model) -> {name: value}: extra validation metrics (best_metric may name one).
     extra_config: what else defines the run (model shape, data), saved in config.json and compared
-    on --resume.
+    on --resume. eval_metrics: the names eval_fn returns, so a best_metric typo fails before training.
     """
 
     def __init__(
@@ -86,8 +129,12 @@ class Trainer:
         tokenizer: Any = None,
         extra_config: dict[str, Any] | None = None,
         dist: D.DistInfo | None = None,
+        eval_metrics: Sequence[str] | None = None,
     ) -> None:
         self.config = config
+        validated = val_data is not None and config.eval_batches > 0
+        if eval_fn is None or eval_metrics is not None:  # else eval_fn's names are known only once it runs
+            check_metric_name(config.best_metric, (["val_loss", "val_ppl"] if validated else []) + list(eval_metrics or []))
         self.dist = dist or D.init_distributed(config.device)
         self.device = self.dist.device
         self.train_data, self.val_data = train_data, val_data
@@ -119,14 +166,23 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.dtype == "fp16" else None
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best: float | None = None
+        self.resumed_from: int | None = None
+        self.final_model: nn.Module | None = None  # after train(): the whole trained model on rank 0 (gathered under FSDP)
         self.flops_per_token = flops_per_token(model, config.block_size)
         self.peak_flops: float | None = None
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        """Run (or, with config.resume, continue) to the first stopping point; write RUN/model."""
+        with RunSession(self.run, self.dist).hold():
+            return self._train()
+
+    def _train(self) -> TrainResult:
         cfg, main = self.config, self.dist.is_main
         self._start_run()
+        if self.resumed_from is not None and (reason := self._should_stop()):
+            return self._already_done(reason)
         if main and self.flops_per_token and cfg.progress:
             self.peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if cfg.dtype != "fp32" else torch.float32)
         bar = _progress_bar(cfg, self.step) if main and cfg.progress else None
@@ -172,7 +228,7 @@ class Trainer:
         metrics = history[-1]
         if self.step != last_saved:
             self.save_checkpoint()
-        final = self._export_model()
+        final = self.final_model = self._export_model()
         if main:
             write_dir_atomic(self.run.model_dir, lambda d: self._save_model(d, final))
             self.run.log({"event": "end", "step": self.step, "tokens": self.tokens, "stopped_by": stopped_by,
@@ -180,7 +236,23 @@ class Trainer:
         D.barrier(self.dist)
         best = self.run.best_dir if (cfg.best_metric and self.run.best_dir.is_dir()) else None
         return TrainResult(self.step, self.tokens, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                           self.run.model_dir, best, self.elapsed, stopped_by, history)
+                           self.run.model_dir, best, self.elapsed, stopped_by, history, self.resumed_from)
+
+    def _already_done(self, reason: str) -> TrainResult:
+        """A resumed run already at its stopping point: write RUN/model if a kill cut it short, report."""
+        final = self.final_model = self._export_model()
+        if self.dist.is_main:
+            if not (self.run.model_dir / "config.json").is_file():
+                write_dir_atomic(self.run.model_dir, lambda d: self._save_model(d, final))
+            limit = {"max_steps": self.config.max_steps, "max_tokens": self.config.max_tokens,
+                     "max_time": self.config.max_time}[reason]
+            _print_above_bar(f"already at {reason} {limit}; nothing to do")
+        D.barrier(self.dist)
+        evals = [r for r in self.run.read_metrics() if "event" not in r and "loss" not in r and r.get("step") == self.step]
+        metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if isinstance(v, (int, float))}
+        best = self.run.best_dir if (self.config.best_metric and self.run.best_dir.is_dir()) else None
+        return TrainResult(self.step, self.tokens, metrics, self.run.model_dir, best, self.elapsed, reason, [],
+                           self.resumed_from)
 
     def _should_stop(self) -> str | None:
         cfg = self.config
@@ -369,19 +441,29 @@ class Trainer:
                 raise TrainingError(f"--resume: {run.path} has no {run.path.name}/config.json; it is not a run "
                                     f"directory (drop --resume to start a new run there)")
             diff = config_differences(saved, self.run_config)
+            if "data.fingerprint" in diff:
+                was, now = saved.get("data", {}), self.run_config.get("data", {})
+                raise TrainingError(
+                    f"--resume: {run.path} was trained on other data ({_describe_data(was)}) than it is given now "
+                    f"({_describe_data(now)}); resume with the run's own data (leave out --data), or start a new "
+                    f"--out directory")
             if diff:
                 shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in list(diff.items())[:8]))
+                may = ", ".join(sorted(RESUMABLE_CHANGES - {"resume", "out_dir"}))
                 raise TrainingError(f"--resume: {run.path} was trained with a different configuration ({shown}); "
-                                    f"use the same options or a new --out directory")
+                                    f"a resumed run keeps the settings in its {CONFIG_FILE} (only {may} may change): "
+                                    f"drop the differing options, or start a new --out directory")
             if self.dist.is_main:
                 run.remove_partial_writes()
             D.barrier(self.dist)
             checkpoint = run.latest_checkpoint()
             if checkpoint is not None:
                 self._restore(checkpoint)
+                self.resumed_from = self.step
                 if self.dist.is_main:
                     run.truncate_metrics(self.step)
                     run.log({"event": "resume", "step": self.step, "checkpoint": str(checkpoint)})
+                    _print_above_bar(f"resumed from step {self.step} ({checkpoint})")
         elif saved is not None and (run.latest_checkpoint() is not None or run.metrics_file.exists()):
             raise TrainingError(f"{run.path} already holds a training run; pass --resume to continue it, or choose "
                                 f"a new --out directory")
@@ -413,6 +495,15 @@ class Trainer:
         self.train_data.load_state_dict(state["data"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.elapsed, self.best = float(state.get("elapsed", 0.0)), state.get("best")
+
+
+def _describe_data(data: dict[str, Any]) -> str:
+    parts = [str(data.get("directory", "?"))]
+    if "train_tokens" in data:
+        parts.append(f"{data['train_tokens']:,} train tokens")
+    if "fingerprint" in data:
+        parts.append(f"fingerprint {data['fingerprint']}")
+    return ", ".join(parts)
 
 
 # ---- speed accounting --------------------------------------------------------------------------

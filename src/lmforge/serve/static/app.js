@@ -1,14 +1,17 @@
 // The lmforge playground: a chat that streams answers from /v1/chat/completions (server-sent events).
+// Each request is fitted into the model's context (max_model_len from /v1/models): the oldest turns are
+// left out, and the reply's max tokens shrink to the room that is left (context.js).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const history = [];  // {role, content} of the conversation so far
+const contextOf = {};  // model id -> max_model_len, from /v1/models
 let controller = null;  // aborts the running request
 
 function headers() {
   const h = { "Content-Type": "application/json" };
   const key = $("api-key").value.trim();
-  if (key) h["Authorization"] = "Bearer " + key;
+  if (key) h["Authorization"] = "Bearer " + utf8HeaderValue(key);
   return h;
 }
 
@@ -42,8 +45,14 @@ async function loadModels() {
       const option = document.createElement("option");
       option.value = option.textContent = m.id;
       select.appendChild(option);
+      contextOf[m.id] = m.max_model_len;
     }
     if (current) select.value = current;
+    const context = contextOf[select.value];
+    if (context > 1) {
+      $("max-tokens").max = String(context - 1);
+      $("max-tokens").value = String(defaultMaxTokens(context, Number($("max-tokens").value) || 1));
+    }
     $("status").textContent = "";
   } catch (e) {
     $("status").textContent = "Could not list models: " + e.message;
@@ -73,6 +82,18 @@ async function* events(response) {
   }
 }
 
+// The prompt's length in tokens as the server counts it (its chat template included).
+async function countTokens(messages) {
+  const response = await fetch("/tokenize", {
+    method: "POST",
+    headers: headers(),
+    signal: controller && controller.signal,
+    body: JSON.stringify({ model: $("model").value || undefined, messages }),
+  });
+  if (!response.ok) throw new Error(await errorText(response));
+  return (await response.json()).count;
+}
+
 async function send(text) {
   history.push({ role: "user", content: text });
   addMessage("user", text);
@@ -83,27 +104,39 @@ async function send(text) {
   $("stop").disabled = false;
   $("status").textContent = "Generating…";
   let answer = "";
+  let finish = null;
+  let note = "";
   try {
+    const context = contextOf[$("model").value];
+    let messages = history;
+    let maxTokens = Math.max(1, Number($("max-tokens").value) || 1);
+    if (context > 1) {
+      const fit = await fitToContext(history, maxTokens, context, countTokens);
+      ({ messages, maxTokens } = fit);
+      if (fit.dropped) note = ` · left out the ${fit.dropped} oldest messages to fit the ${context}-token context`;
+    }
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers(),
       signal: controller.signal,
       body: JSON.stringify({
         model: $("model").value || undefined,
-        messages: history,
+        messages,
         temperature: Number($("temperature").value),
-        max_tokens: Number($("max-tokens").value),
+        max_tokens: maxTokens,
         stream: true,
         stream_options: { include_usage: true },
       }),
     });
     if (!response.ok) throw new Error(await errorText(response));
+    if (note) $("status").textContent = "Generating…" + note;
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) {
-        $("status").textContent = `${chunk.usage.completion_tokens} tokens (prompt ${chunk.usage.prompt_tokens})`;
+        $("status").textContent = `${chunk.usage.completion_tokens} tokens (prompt ${chunk.usage.prompt_tokens})` + note;
       }
       const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.finish_reason) finish = choice.finish_reason;
       if (choice && choice.delta && choice.delta.content) {
         answer += choice.delta.content;
         bubble.textContent = answer;
@@ -111,13 +144,18 @@ async function send(text) {
         $("messages").scrollTop = $("messages").scrollHeight;
       }
     }
+    if (!answer) {  // say so, rather than leave an empty bubble
+      bubble.textContent = `(no text: the model ended its reply at once; finish reason: ${finish || "none"})`;
+      bubble.classList.add("empty");
+    }
     history.push({ role: "assistant", content: answer });
   } catch (e) {
     if (e.name === "AbortError") {
       history.push({ role: "assistant", content: answer });
       $("status").textContent = "Stopped.";
-    } else {
-      addMessage("error", e.message);
+    } else {  // the server's message, in the reply's own bubble
+      bubble.className = "message error";
+      bubble.textContent = e.message || String(e);
       $("status").textContent = "";
       history.pop();
     }

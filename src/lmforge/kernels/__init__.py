@@ -1,0 +1,188 @@
+"""CPU kernels for small-batch decoding: y = x @ W^T (+ bias) (+ residual) at the memory-bandwidth limit.
+
+Batch-1 decoding is a chain of matrix-vector products whose time is the time to read the weights once.
+`linear` (fp32 or bf16 weights) and `int8_linear` (int8 weights with per-output-channel fp32 scales) run a
+small C++ kernel (gemv.cpp) for a few rows of x on the CPU and plain torch everywhere else (many rows,
+CUDA/MPS, non-contiguous weights, no compiler); both give the same results up to float rounding. For the
+decode loop, `bind(weight, bias, scale)` checks a weight once and returns a `Gemv` to call per step (it can
+also add into the residual stream in place: `g(x, residual=h, out=h)`).
+
+The kernel is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja, about 15 s)
+into `$XDG_CACHE_HOME/lmforge/kernels` (by default `~/.cache/lmforge/kernels`), keyed by the source, torch,
+Python, the CPU's flags and the build flags; later processes load it from there in milliseconds. Nothing
+happens at import time and nothing is downloaded. If the build is impossible the torch path is used and
+`why_unavailable()` says why. Set the environment variable `LMFORGE_KERNELS=0` (read at first use) to
+never build or use the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError
+from lmforge.kernels import _build
+
+__all__ = ["linear", "int8_linear", "bind", "Gemv", "available", "why_unavailable"]
+
+_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # weight kinds of gemv.cpp; int8 is 2
+_INT8 = 2
+_X_BF16, _BIAS_BF16 = 1, 2  # flags of gemv.cpp
+_X_FLAGS = {torch.float32: 0, torch.bfloat16: _X_BF16}
+# Up to how many rows of x the compiled kernel runs (in blocks of 8 rows, each streaming the weights once),
+# measured against torch on a 2-core AVX2 EPYC (torch 2.13): fp32 GEMM wins beyond ~8-16 rows; torch's
+# bf16 GEMM without AVX512-BF16/AMX is 4-6x slower than its fp32 one, and int8 has no fast torch path, so
+# those two run compiled up to 64 rows (bf16: 8 where the CPU has them). Beyond, the torch path computes
+# in fp32 on such CPUs.
+_ROWS = {0: 8, 1: 64, _INT8: 64}
+_FAST_ROWS = 32  # from here on, the CPU torch fallback for bf16 computes in fp32 where bf16 GEMM is slow
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether torch's CPU bf16 GEMM has hardware support (AVX512-BF16 or AMX) on this CPU."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def _max_rows(kind: int) -> int:
+    return 8 if kind == _KINDS[torch.bfloat16] and _native_bf16() else _ROWS[kind]
+
+
+def available() -> bool:
+    """True when the compiled CPU kernels can be used in this process (builds them on the first call)."""
+    return _build.ops() is not None
+
+
+def why_unavailable() -> str | None:
+    """Why the compiled kernels are not used (None when they are); builds them on the first call."""
+    _build.ops()
+    return _build.reason()
+
+
+class Gemv:
+    """y = x @ weight.T (* scale) (+ bias) (+ residual) with the weight checked once.
+
+    Bind once per request, call once per decode step: the per-call work is a few attribute reads, one
+    output allocation and the kernel. Falls back to `linear` / `int8_linear` (torch) whenever the compiled
+    kernel does not apply, so a Gemv is always safe to call. It holds references to the tensors it was
+    given: bind again after replacing them (in-place updates are seen).
+    """
+
+    __slots__ = ("weight", "scale", "bias", "_ops", "_args", "_n", "_k", "_limit", "_grad", "_x_flags")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        self.weight, self.scale, self.bias = weight, scale, bias
+        self._ops, self._args, self._limit = None, None, 0
+        self._n, self._k = (weight.shape[0], weight.shape[-1]) if weight.dim() == 2 else (0, 0)
+        self._grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+        self._x_flags = _X_FLAGS if scale is not None else {weight.dtype: _X_FLAGS[weight.dtype]} if weight.dtype in _KINDS else {}
+        if not (weight.is_cpu and weight.dim() == 2 and weight.is_contiguous() and self._k > 0):
+            return
+        kind = _INT8 if scale is not None and weight.dtype is torch.int8 else _KINDS.get(weight.dtype) if scale is None else None
+        if kind is None or (scale is not None and not (scale.is_cpu and scale.is_contiguous() and scale.dtype is torch.float32
+                                                       and scale.shape == (self._n,))):
+            return
+        flags = 0
+        if bias is not None:
+            if not (bias.is_cpu and bias.is_contiguous() and bias.dtype in _KINDS and bias.shape == (self._n,)):
+                return
+            flags = _BIAS_BF16 if bias.dtype is torch.bfloat16 else 0
+        self._ops, self._limit = _build.ops(), _max_rows(kind) * self._k
+        self._args = (kind, flags, weight.data_ptr(), 0 if scale is None else scale.data_ptr(),
+                      0 if bias is None else bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` (optional, the output's shape and x's dtype, not x itself) receives the result; it may be
+        `residual` itself, which then becomes residual += x @ W^T (+ bias) in place, with no allocation."""
+        ops, k = self._ops, self._k
+        x_flags = self._x_flags.get(x.dtype)
+        if (ops is not None and x_flags is not None and x.is_cpu and x.is_contiguous() and x.dim() > 0 and x.shape[-1] == k
+                and x.numel() <= self._limit and not ((self._grad or x.requires_grad) and torch.is_grad_enabled())):
+            shape = (*x.shape[:-1], self._n)
+            if ((residual is None or _fits(residual, x.dtype, shape))
+                    and (out is None or (out is not x and _fits(out, x.dtype, shape)))):
+                kind, flags, w, s, b = self._args
+                y = torch.empty(shape, dtype=x.dtype) if out is None else out
+                ops.gemv(kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
+                         y.data_ptr(), x.numel() // k, k, self._n)
+                return y
+        if self.scale is None:
+            y = _torch_linear(x, self.weight, self.bias, residual)
+        else:
+            y = _torch_int8_linear(x, self.weight, self.scale, self.bias, residual)
+        return y if out is None else out.copy_(y)
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> bool:
+    return t.is_cpu and t.dtype is dtype and t.is_contiguous() and t.shape == shape and not t.requires_grad
+
+
+def bind(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Gemv:
+    """`Gemv(weight, bias, scale)`: a pre-checked `linear` (scale None) or `int8_linear` for repeated calls."""
+    return Gemv(weight, bias, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias + residual in x.dtype; x (..., K) fp32 or bf16, weight (N, K) of x's dtype.
+
+    The compiled kernel for a few rows on the CPU, torch otherwise; for repeated calls with the same
+    weight, `bind(weight, bias)` skips the weight's checks."""
+    if x.is_cpu and weight.dtype is x.dtype and x.dtype in _KINDS and _build.ops() is not None:
+        return Gemv(weight, bias)(x, residual)
+    return _torch_linear(x, weight, bias, residual)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(x @ qweight.T) * scale + bias + residual in x.dtype; qweight int8 (N, K), scale fp32 (N,)."""
+    if x.is_cpu and qweight.dtype is torch.int8 and x.dtype in _KINDS and _build.ops() is not None:
+        return Gemv(qweight, bias, scale)(x, residual)
+    return _torch_int8_linear(x, qweight, scale, bias, residual)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias, residual, what: str) -> None:
+    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ConfigError(f"{what}: x of shape {tuple(x.shape)} does not fit weight of shape {tuple(weight.shape)}: "
+                          f"x's last dimension must equal the weight's second (in_features)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ConfigError(f"{what}: bias of shape {tuple(bias.shape)} does not fit weight of shape "
+                          f"{tuple(weight.shape)}: it must be ({weight.shape[0]},)")
+    if residual is not None and (tuple(residual.shape) != (*x.shape[:-1], weight.shape[0]) or residual.dtype != x.dtype):
+        raise ConfigError(f"{what}: residual {tuple(residual.shape)} {residual.dtype} must have the output's shape "
+                          f"{(*x.shape[:-1], weight.shape[0])} and x's dtype {x.dtype}")
+
+
+def _torch_linear(x, weight, bias, residual):
+    _check(x, weight, bias, residual, "linear")
+    if weight.dtype != x.dtype:
+        raise ConfigError(f"linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}: cast one of them")
+    if x.is_cpu and x.dtype is torch.bfloat16 and x.numel() >= _FAST_ROWS * x.shape[-1] and not _native_bf16():
+        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return (y if residual is None else y.add_(residual)).to(x.dtype)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y.add_(residual)
+
+
+def _torch_int8_linear(x, qweight, scale, bias, residual):
+    _check(x, qweight, bias, residual, "int8_linear")
+    if qweight.dtype != torch.int8:
+        raise ConfigError(f"int8_linear: qweight must be int8, got {qweight.dtype}")
+    if tuple(scale.shape) != (qweight.shape[0],):
+        raise ConfigError(f"int8_linear: scale of shape {tuple(scale.shape)} must be ({qweight.shape[0]},) "
+                          f"for qweight of shape {tuple(qweight.shape)}")
+    if not x.is_floating_point():
+        raise ConfigError(f"int8_linear: x must be floating point (float32 or bfloat16), got {x.dtype}")
+    # int8 -> float is exact; the GEMM accumulates in fp32 (in fp32 outright on the CPU, where torch's bf16
+    # GEMM is slow without hardware support); scale, bias and residual are applied in fp32.
+    compute = torch.float32 if x.is_cpu else x.dtype
+    y = F.linear(x.to(compute), qweight.to(compute)).float().mul_(scale)
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y += residual
+    return y.to(x.dtype)

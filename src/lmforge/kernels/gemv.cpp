@@ -1,0 +1,327 @@
+// y = x @ W^T (+ bias) (+ residual) for a few rows of x: the matrix-vector products of batch-1 decoding.
+//
+// W is row-major (N, K) in fp32, bf16 or int8 (with a per-row fp32 scale); x is fp32 or bf16 (converted
+// once to fp32). Every weight row is read exactly once for all M rows of x, R rows at a time so that each
+// x vector loaded feeds R fused multiply-adds; sums are kept in fp32 and rounded once at the end
+// (round-to-nearest-even for bf16, as c10::BFloat16 does). Threads: at::parallel_for over output rows, i.e.
+// torch's own intra-op pool. Built by lmforge/kernels/_build.py with -O3 -march=native.
+//
+// The entry point takes raw addresses and sizes (lmforge/kernels/__init__.py checks every tensor first):
+// plain Python C API and ATen/Parallel.h only, because torch/extension.h and pybind11 take minutes of
+// compiling for a few hundred lines of kernel.
+#include <Python.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---- an 8- or 16-wide float vector, or a scalar where the CPU has neither AVX2 nor AVX-512 ----
+// wload(p, out) loads the next B * VW weights as B float vectors. bf16 comes as B = 2: one load of 2 * VW
+// values gives the even ones by a 16-bit shift and the odd ones by masking the low half, so x is stored
+// in blocks of [VW even | VW odd] entries for bf16 weights (see permute_x).
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline void wload(const float* p, vf* o) { o[0] = _mm512_loadu_ps(p); }
+inline void wload(const int8_t* p, vf* o) {
+  o[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+inline void wload(const uint16_t* p, vf* o) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  o[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  o[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u))));
+}
+#define LMF_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int VW = 8;
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline void wload(const float* p, vf* o) { o[0] = _mm256_loadu_ps(p); }
+inline void wload(const int8_t* p, vf* o) {
+  o[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline void wload(const uint16_t* p, vf* o) {
+  const __m256i raw = _mm256_loadu_si256((const __m256i*)p);
+  o[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  o[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u))));
+}
+#define LMF_ISA "avx2"
+#else
+constexpr int VW = 1;
+using vf = float;
+inline vf vzero() { return 0.f; }
+inline vf vload(const float* p) { return *p; }
+inline float vfma(float a, float b, float c) { return a * b + c; }
+inline float vadd(float a, float b) { return a + b; }
+inline float vsum(float a) { return a; }
+#define LMF_ISA "scalar"
+#endif
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }
+inline float to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+// fp32 -> bf16 rounding to nearest even, NaN kept a (quiet) NaN: c10::BFloat16's rule.
+inline uint16_t to_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename T>
+constexpr int vectors_per_load() { return std::is_same<T, uint16_t>::value ? 2 : 1; }
+
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+template <typename T>
+inline void wload(const T* p, vf* o) {
+  for (int b = 0; b < vectors_per_load<T>(); ++b) o[b] = to_f32(p[b]);
+}
+#endif
+
+inline void lmf_prefetch(const void* p) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+// The loops over u, r, m and b must be unrolled so that the sums live in registers (-O2 does not).
+#define LMF_UNROLL _Pragma("GCC unroll 16")
+
+// out[r * M + m] = dot(W[r], x[m]) for r < R, m < M: each weight vector loaded feeds M sums, each x
+// vector R sums; U steps along K per iteration, each into its own sums (independent FMA chains).
+template <typename T, int M, int R, int U>
+inline void dot_rows(const float* x, int64_t K, const T* w, float* out) {
+  constexpr int B = vectors_per_load<T>(), S = B * VW;  // weights per load
+  vf acc[U][R][M];
+  LMF_UNROLL for (int u = 0; u < U; ++u)
+    LMF_UNROLL for (int r = 0; r < R; ++r)
+      LMF_UNROLL for (int m = 0; m < M; ++m) acc[u][r][m] = vzero();
+  // Blocks of R rows ahead to fetch: at least ~4 KiB ahead so short rows still hide the memory latency.
+  const int64_t block = R * K, ahead = block * std::max<int64_t>(1, 4096 / (block * int64_t(sizeof(T))));
+  int64_t k = 0;
+  for (; k + U * S <= K; k += U * S) {
+    // Fetch the same columns of rows further down (the hardware prefetcher alone follows R interleaved
+    // streams of short rows poorly): once per 64-byte line; a prefetch past the end never faults.
+    if (((k * int64_t(sizeof(T))) & 63) < int64_t(U * S * sizeof(T)))
+      LMF_UNROLL for (int r = 0; r < R; ++r) lmf_prefetch(w + r * K + ahead + k);
+    LMF_UNROLL for (int u = 0; u < U; ++u)
+      LMF_UNROLL for (int r = 0; r < R; ++r) {
+        vf wv[B];
+        wload(w + r * K + k + u * S, wv);
+        LMF_UNROLL for (int b = 0; b < B; ++b)
+          LMF_UNROLL for (int m = 0; m < M; ++m)
+            acc[u][r][m] = vfma(wv[b], vload(x + m * K + k + u * S + b * VW), acc[u][r][m]);
+      }
+  }
+  for (; k + S <= K; k += S)
+    LMF_UNROLL for (int r = 0; r < R; ++r) {
+      vf wv[B];
+      wload(w + r * K + k, wv);
+      LMF_UNROLL for (int b = 0; b < B; ++b)
+        LMF_UNROLL for (int m = 0; m < M; ++m) acc[0][r][m] = vfma(wv[b], vload(x + m * K + k + b * VW), acc[0][r][m]);
+    }
+  LMF_UNROLL for (int r = 0; r < R; ++r)
+    LMF_UNROLL for (int m = 0; m < M; ++m) {
+      LMF_UNROLL for (int u = 1; u < U; ++u) acc[0][r][m] = vadd(acc[0][r][m], acc[u][r][m]);
+      float s = vsum(acc[0][r][m]);
+      for (int64_t j = k; j < K; ++j) s += to_f32(w[r * K + j]) * x[m * K + j];  // the tail is in natural order
+      out[r * M + m] = s;
+    }
+}
+
+// x (M, K) as fp32 in the order dot_rows<T> reads it: natural, but for bf16 weights each full block of
+// 2 * VW entries as [even entries | odd entries].
+template <typename T, typename X>
+void permute_x(const X* x, int64_t M, int64_t K, float* out) {
+  constexpr int S = vectors_per_load<T>() * VW;
+  for (int64_t m = 0; m < M; ++m) {
+    const X* xm = x + m * K;
+    float* om = out + m * K;
+    int64_t k = 0;
+    if (S > VW)
+      for (; k + S <= K; k += S)
+        for (int j = 0; j < VW; ++j) {
+          om[k + j] = to_f32(xm[k + 2 * j]);
+          om[k + VW + j] = to_f32(xm[k + 2 * j + 1]);
+        }
+    for (; k < K; ++k) om[k] = to_f32(xm[k]);
+  }
+}
+
+// Rows per step and steps along K: enough independent sums (about 8) to hide the FMA latency, few enough
+// to stay in the 16 vector registers of AVX2.
+template <int M>
+constexpr int rows_per_step() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
+template <int M>
+constexpr int unroll() { return M == 1 ? 2 : 1; }
+
+struct Epilogue {
+  const float* scale;    // (N,) or null
+  const void* bias;      // (N,) fp32 or bf16, or null
+  bool bias_bf16;
+  const void* residual;  // (M, N) of the output dtype, or null
+  void* y;               // (M, N) fp32 or bf16
+  bool out_bf16;
+  int64_t N;
+
+  inline float load(const void* p, bool bf16, int64_t i) const {
+    return bf16 ? to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+  inline void store(int m, int64_t n, float v) const {
+    if (scale) v *= scale[n];
+    if (bias) v += load(bias, bias_bf16, n);
+    const int64_t i = m * N + n;
+    if (residual) v += load(residual, out_bf16, i);
+    if (out_bf16)
+      static_cast<uint16_t*>(y)[i] = to_bf16(v);
+    else
+      static_cast<float*>(y)[i] = v;
+  }
+};
+
+template <typename T, int M>
+void gemv(const float* x, int64_t K, const T* w, int64_t N, const Epilogue& ep) {
+  constexpr int R = rows_per_step<M>(), U = unroll<M>();
+  // Chunks of at least ~64 KiB of weights: smaller ones cost more to hand out than to compute.
+  const int64_t grain = std::max<int64_t>(R, (int64_t(1) << 16) / std::max<int64_t>(1, K * int64_t(sizeof(T))));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    float out[R * M];
+    int64_t n = begin;
+    for (; n + R <= end; n += R) {
+      dot_rows<T, M, R, U>(x, K, w + n * K, out);
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) ep.store(m, n + r, out[r * M + m]);
+    }
+    for (; n < end; ++n) {
+      dot_rows<T, M, 1, U * R>(x, K, w + n * K, out);
+      for (int m = 0; m < M; ++m) ep.store(m, n, out[m]);
+    }
+  });
+}
+
+template <typename T>
+void gemv_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const Epilogue& ep) {
+  switch (M) {
+    case 1: return gemv<T, 1>(x, K, w, N, ep);
+    case 2: return gemv<T, 2>(x, K, w, N, ep);
+    case 3: return gemv<T, 3>(x, K, w, N, ep);
+    case 4: return gemv<T, 4>(x, K, w, N, ep);
+    case 5: return gemv<T, 5>(x, K, w, N, ep);
+    case 6: return gemv<T, 6>(x, K, w, N, ep);
+    case 7: return gemv<T, 7>(x, K, w, N, ep);
+    default: return gemv<T, 8>(x, K, w, N, ep);
+  }
+}
+
+// Weight kinds and flags of the entry point (mirrored in lmforge/kernels/__init__.py).
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { X_BF16 = 1, BIAS_BF16 = 2 };
+
+template <typename T>
+void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N, Epilogue ep) {
+  const float* xf = static_cast<const float*>(x);
+  std::vector<float> xbuf;
+  if (x_bf16 || vectors_per_load<T>() > 1) {
+    xbuf.resize(M * K);
+    if (x_bf16)
+      permute_x<T>(static_cast<const uint16_t*>(x), M, K, xbuf.data());
+    else
+      permute_x<T>(xf, M, K, xbuf.data());
+    xf = xbuf.data();
+  }
+  const int64_t out_size = ep.out_bf16 ? 2 : 4;
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {  // blocks of 8 rows, each streaming the weights once
+    Epilogue block = ep;
+    block.y = static_cast<char*>(ep.y) + m0 * N * out_size;
+    if (ep.residual) block.residual = static_cast<const char*>(ep.residual) + m0 * N * out_size;
+    gemv_rows<T>(xf + m0 * K, std::min<int64_t>(8, M - m0), K, w, N, block);
+  }
+}
+
+// gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N): addresses as ints, 0 for "none".
+// y (M, N) and residual have x's dtype; scale is fp32 (N,) for int8 weights.
+PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 11) {
+    PyErr_SetString(PyExc_TypeError, "gemv expects 11 arguments");
+    return nullptr;
+  }
+  int64_t v[11];
+  for (int i = 0; i < 11; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  if (PyErr_Occurred()) return nullptr;
+  const int64_t kind = v[0], flags = v[1], M = v[8], K = v[9], N = v[10];
+  const void* x = reinterpret_cast<const void*>(v[2]);
+  const void* w = reinterpret_cast<const void*>(v[3]);
+  const bool x_bf16 = flags & X_BF16;
+  Epilogue ep{reinterpret_cast<const float*>(v[4]), reinterpret_cast<const void*>(v[5]), bool(flags & BIAS_BF16),
+              reinterpret_cast<const void*>(v[6]), reinterpret_cast<void*>(v[7]), x_bf16, N};
+  if (M <= 0 || N <= 0) Py_RETURN_NONE;
+  bool failed = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    if (kind == W_F32) run(x, x_bf16, M, K, static_cast<const float*>(w), N, ep);
+    else if (kind == W_BF16) run(x, x_bf16, M, K, static_cast<const uint16_t*>(w), N, ep);
+    else run(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep);
+  } catch (const std::exception&) {
+    failed = true;
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) {
+    PyErr_SetString(PyExc_RuntimeError, "lmforge kernels: gemv failed");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"gemv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(gemv_entry)), METH_FASTCALL,
+     "gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+#define LMF_STR2(a) #a
+#define LMF_STR(a) LMF_STR2(a)
+#define LMF_CAT2(a, b) a##b
+#define LMF_CAT(a, b) LMF_CAT2(a, b)
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU gemv kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC LMF_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m != nullptr && PyModule_AddStringConstant(m, "isa", LMF_ISA) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

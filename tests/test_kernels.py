@@ -1,0 +1,279 @@
+"""The CPU kernels: compiled results against a float64 oracle and the torch path, every dtype combination,
+odd shapes, the row cut-off, the fallbacks (LMFORGE_KERNELS=0, no compiler, a failed build, non-contiguous
+inputs, autograd) and the errors.
+
+Tolerances: fp32 outputs may differ from the exact sum by the fp32 accumulation error, bounded here by
+4e-5 * sum|x_k w_k| (K <= 800, unit roundoff 6e-8; any lost or doubled term is far larger). bf16 outputs
+are that fp32 sum rounded once to bf16, which has 8 significant bits: at most half an ulp, i.e.
+2**-8 * |y| relative, on top of the same accumulation bound.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lmforge import kernels
+from lmforge.errors import ConfigError
+from lmforge.kernels import _build
+
+SHAPES = [(1, 1), (37, 29), (130, 67), (48, 256)]  # (N, K): tails in both, K below and above a vector
+
+
+class Spy:
+    """Wraps the compiled module to count kernel calls (so a test knows which path ran)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def gemv(self, *args):
+        self.calls += 1
+        return self.real.gemv(*args)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    if not kernels.available():
+        pytest.skip(kernels.why_unavailable())
+    spy = Spy(_build.ops())
+    monkeypatch.setattr(_build, "_ops", spy)
+    return spy
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """The process as LMFORGE_KERNELS=0 leaves it; the real state comes back afterwards."""
+    monkeypatch.setenv("LMFORGE_KERNELS", "0")
+    _build.reset()
+    yield
+    monkeypatch.delenv("LMFORGE_KERNELS")
+    _build.reset()
+
+
+def inputs(dtype, m, n, k, bias, residual, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (m, k) if lead is None else (*lead, k)
+    x = torch.randn(shape, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    r = torch.randn((*shape[:-1], n), generator=g).to(dtype) if residual else None
+    return x, w, b, r
+
+
+def oracle(x, w, b, r, scale=None):
+    """The exact result (float64) and sum|terms|, the scale of the fp32 accumulation error."""
+    x64, w64 = x.double(), w.double()
+    y, mag = x64 @ w64.T, x64.abs() @ w64.abs().T
+    if scale is not None:
+        y, mag = y * scale.double(), mag * scale.double()
+    for t in (b, r):
+        if t is not None:
+            y, mag = y + t.double(), mag + t.double().abs()
+    return y, mag
+
+
+def assert_close(y, x, w, b, r, scale=None, roundings=1):
+    """Within the bounds of the module docstring; roundings=2 for torch paths that round to bf16 twice
+    (the product, then the sum with the residual)."""
+    ref, mag = oracle(x, w, b, r, scale)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    bound = 4e-5 * mag
+    if y.dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * (ref.abs() if roundings == 1 else ref.abs() + mag)
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_compiled_linear_matches_the_exact_result(compiled, dtype, m):
+    for n, k in SHAPES:
+        for bias in (False, True):
+            for residual in (False, True):
+                x, w, b, r = inputs(dtype, m, n, k, bias, residual, seed=n + k)
+                assert_close(kernels.linear(x, w, b, r), x, w, b, r)
+    assert compiled.calls == 4 * len(SHAPES)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_compiled_int8_linear_matches_the_dequantised_result(compiled, x_dtype, m):
+    for n, k in SHAPES:
+        for bias, residual in ((False, False), (True, True), (True, False)):
+            x, _, b, r = inputs(x_dtype, m, n, k, bias, residual, seed=n)
+            g = torch.Generator().manual_seed(k)
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+            scale = torch.rand(n, generator=g) / 64
+            assert_close(kernels.int8_linear(x, q, scale, b, r), x, q, b, r, scale)
+    assert compiled.calls == 3 * len(SHAPES)
+
+
+def test_bf16_output_rounds_to_nearest_even_like_torch(compiled):
+    # sums that fall exactly halfway between two bf16 values: 1 + 2**-8 (-> 1, even) and
+    # 1 + 2**-7 + 2**-8 (-> 1 + 2**-6, even); truncation or round-half-up would give another value
+    for k in (2, 64):  # the scalar tail and the vector loop
+        x = torch.zeros(2, k, dtype=torch.bfloat16)
+        x[0, :2] = torch.tensor([1.0, 2.0**-8])
+        x[1, :2] = torch.tensor([1.0 + 2.0**-7, 2.0**-8])
+        w = torch.zeros(1, k, dtype=torch.bfloat16)
+        w[0, :2] = 1.0
+        y = kernels.linear(x, w)
+        expected = (x.float() @ w.float().T).to(torch.bfloat16)
+        assert y.flatten().tolist() == expected.flatten().tolist() == [1.0, 1.0 + 2.0**-6]
+
+
+def test_shapes_1d_and_leading_dimensions(compiled):
+    x, w, b, r = inputs(torch.float32, 1, 24, 40, True, True)
+    y1 = kernels.linear(x[0], w, b, r[0])
+    assert y1.shape == (24,)
+    assert_close(y1, x[0], w, b, r[0])
+    x3, w3, b3, r3 = inputs(torch.bfloat16, None, 24, 40, True, True, lead=(2, 3))
+    y3 = kernels.linear(x3, w3, b3, r3)
+    assert y3.shape == (2, 3, 24)
+    assert_close(y3, x3, w3, b3, r3)
+    assert compiled.calls == 2
+
+
+@pytest.mark.parametrize("dtype, m, runs_compiled", [
+    (torch.float32, 9, False),     # beyond the fp32 cut-off: torch's GEMM
+    (torch.bfloat16, 13, True),    # bf16: compiled, in blocks of 8 rows (8 + 5)
+    (torch.bfloat16, 70, False),   # beyond 64 rows: torch (in fp32 where bf16 GEMM is slow)
+])
+def test_many_rows(compiled, dtype, m, runs_compiled):
+    x, w, b, r = inputs(dtype, m, 50, 70, True, True)
+    runs_compiled = runs_compiled and not kernels._native_bf16()
+    assert_close(kernels.linear(x, w, b, r), x, w, b, r, roundings=1 if runs_compiled else 2)
+    assert compiled.calls == (1 if runs_compiled else 0)
+
+
+@pytest.mark.parametrize("m", [13, 70])
+def test_int8_many_rows(compiled, m):
+    x, _, b, r = inputs(torch.bfloat16, m, 50, 70, True, True)
+    q = torch.randint(-127, 128, (50, 70), dtype=torch.int8)
+    scale = torch.rand(50) / 64
+    assert_close(kernels.int8_linear(x, q, scale, b, r), x, q, b, r, scale)
+    assert compiled.calls == (1 if m <= 64 else 0)
+
+
+def test_non_contiguous_inputs_fall_back_to_torch(compiled):
+    x, w, b, r = inputs(torch.float32, 2, 33, 40, True, True)
+    w_t = w.T.contiguous().T  # same values, column-major
+    assert not w_t.is_contiguous()
+    assert_close(kernels.linear(x, w_t, b, r), x, w, b, r)
+    wide = torch.randn(2, 80)
+    x_strided = wide[:, ::2]
+    assert_close(kernels.linear(x_strided, w, b, r), x_strided, w, b, r)
+    assert compiled.calls == 0
+    assert_close(kernels.linear(x, w, b, r), x, w, b, r)
+    assert compiled.calls == 1
+
+
+def test_autograd_uses_torch(compiled):
+    x, w, b, _ = inputs(torch.float32, 1, 6, 10, True, False)
+    w.requires_grad_(True)
+    kernels.linear(x, w, b).sum().backward()
+    assert torch.allclose(w.grad, x.expand(6, 10))
+    assert compiled.calls == 0
+    with torch.no_grad():
+        kernels.linear(x, w, b)
+    assert compiled.calls == 1
+
+
+def test_bound_gemv_adds_into_the_residual_in_place(compiled):
+    x, w, b, r = inputs(torch.bfloat16, 1, 32, 32, True, True)
+    expected = kernels.linear(x, w, b, r)
+    g = kernels.bind(w, b)
+    h = r.clone()
+    out = g(x, residual=h, out=h)
+    assert out is h and torch.equal(h, expected)
+    buf = torch.empty(1, 32, dtype=torch.bfloat16)
+    assert g(x, r, out=buf) is buf and torch.equal(buf, expected)
+    calls = compiled.calls
+    same = x.clone()
+    assert_close(g(same, r, out=same), x, w, b, r, roundings=2)  # out aliasing x: torch computes, then copies
+    assert compiled.calls == calls
+
+
+def test_the_torch_path_gives_the_same_results(no_kernels):
+    assert not kernels.available()
+    assert "LMFORGE_KERNELS=0" in kernels.why_unavailable()
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 5):
+            x, w, b, r = inputs(dtype, m, 37, 29, True, True)
+            assert_close(kernels.linear(x, w, b, r), x, w, b, r, roundings=2)
+            q = torch.randint(-127, 128, (37, 29), dtype=torch.int8)
+            scale = torch.rand(37) / 64
+            assert_close(kernels.int8_linear(x, q, scale, b, r), x, q, b, r, scale)
+
+
+def test_a_missing_compiler_or_failed_build_falls_back_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    _build.reset()
+    try:
+        assert not kernels.available()
+        assert "no C++ compiler" in kernels.why_unavailable()
+        monkeypatch.delenv("CXX")
+        broken = tmp_path / "gemv.cpp"
+        broken.write_text("this is not C++\n")
+        monkeypatch.setattr(_build, "SOURCE", broken)
+        _build.reset()
+        x, w, b, r = inputs(torch.float32, 1, 5, 7, True, True)
+        assert_close(kernels.linear(x, w, b, r), x, w, b, r)  # silently the torch path
+        assert "failed" in kernels.why_unavailable() and "error" in kernels.why_unavailable()
+    finally:
+        monkeypatch.undo()
+        _build.reset()
+
+
+def test_the_build_happens_once_across_threads(compiled):
+    _build.reset()
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(_build.ops())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 4 and all(s is seen[0] for s in seen) and seen[0] is not None
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_bad_inputs_raise_config_errors_naming_the_shapes(monkeypatch, use_kernels):
+    if not use_kernels:
+        monkeypatch.setenv("LMFORGE_KERNELS", "0")
+    _build.reset()
+    try:
+        x = torch.randn(2, 8)
+        with pytest.raises(ConfigError, match=r"\(2, 8\).*\(4, 6\)"):
+            kernels.linear(x, torch.randn(4, 6))
+        with pytest.raises(ConfigError, match="dtype"):
+            kernels.linear(x, torch.randn(4, 8, dtype=torch.bfloat16))
+        with pytest.raises(ConfigError, match=r"bias of shape \(3,\)"):
+            kernels.linear(x, torch.randn(4, 8), torch.randn(3))
+        with pytest.raises(ConfigError, match=r"residual \(2, 3\)"):
+            kernels.linear(x, torch.randn(4, 8), None, torch.randn(2, 3))
+        with pytest.raises(ConfigError, match="int8"):
+            kernels.int8_linear(x, torch.randn(4, 8), torch.rand(4))
+        with pytest.raises(ConfigError, match=r"scale of shape \(5,\)"):
+            kernels.int8_linear(x, torch.zeros(4, 8, dtype=torch.int8), torch.rand(5))
+        with pytest.raises(ConfigError, match=r"\(2, 8\).*\(4, 6\)"):
+            kernels.bind(torch.zeros(4, 6, dtype=torch.int8), None, torch.rand(4))(x)
+    finally:
+        monkeypatch.undo()
+        _build.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_uses_torch(dtype):
+    x, w, b, r = (t.cuda() for t in inputs(dtype, 1, 37, 29, True, True))
+    y = kernels.linear(x, w, b, r)
+    assert y.is_cuda
+    assert_close(y.cpu(), *(t.cpu() for t in (x, w, b, r)), roundings=2)
+    q = torch.randint(-127, 128, (37, 29), dtype=torch.int8)
+    scale = torch.rand(37) / 64
+    y8 = kernels.int8_linear(x, q.cuda(), scale.cuda(), b, r)
+    assert y8.is_cuda
+    assert_close(y8.cpu(), x.cpu(), q, b.cpu(), r.cpu(), scale, roundings=2)
