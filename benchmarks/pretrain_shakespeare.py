@@ -208,7 +208,8 @@ def _steppers(config, dtype: str):
     cfg = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else None
     opt_ours = make_optimizer(ours, cfg, torch.device("cpu"))
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    # transformers' Trainer defaults to the fused AdamW (optim="adamw_torch_fused"), as lmforge does.
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
 
     def ours_step(x, y):
         with amp or _null():
