@@ -33,6 +33,8 @@ from lmforge.kernels import Gemv, available as kernels_available, bind
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
+# torch >= 2.5: scaled_dot_product_attention returns zeros for a query whose keys are all masked.
+_SDPA_ZEROS_EMPTY_ROWS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ---- attention -------------------------------------------------------------------------------
@@ -715,8 +717,10 @@ class GPT(nn.Module):
         if attention_mask is None:
             return causal[None, None], False
         # A query with no key to attend to (left padding, a row that is all padding) gets zeros from
-        # attention, as in transformers: torch's kernels give 0 there, not the 0/0 of a plain softmax.
-        return causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :], False
+        # attention, as in transformers: torch's kernels give 0 there (from 2.5), not the 0/0 of a plain
+        # softmax. Before 2.5 they give NaN, so such a query sees itself instead (real tokens unchanged).
+        mask = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        return (mask if _SDPA_ZEROS_EMPTY_ROWS else mask | (k_pos == q_pos)[None, None]), False
 
     @classmethod
     def from_pretrained(
