@@ -217,15 +217,17 @@ def _shard_inside(directory: Path, index: Path, weight_map: dict[str, Any], shar
     """The shard file an index entry names, refused unless it lies inside the checkpoint folder: a
     downloaded index must not make the loader read `../x` or `/etc/passwd`. A symlink may lead to
     the blob store of a Hub cache snapshot (snapshots/REV/f -> ../../blobs/HASH), nowhere else."""
-    entry = next((k for k, v in weight_map.items() if v == shard), shard)
+    def entry() -> str:  # the first tensor that names this shard, for the message only
+        return next((k for k, v in weight_map.items() if v == shard), shard)
+
     if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in Path(shard).parts:
-        raise CheckpointError(f"{index}: weight_map entry {entry!r} -> {shard!r} is not a file name inside "
+        raise CheckpointError(f"{index}: weight_map entry {entry()!r} -> {shard!r} is not a file name inside "
                               f"{directory}; refusing to read it (the index is corrupt or malicious)")
     target = (directory / shard).resolve()
     root = directory.resolve()
     allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
     if not any(target.is_relative_to(a) for a in allowed):
-        raise CheckpointError(f"{index}: weight_map entry {entry!r} -> {shard!r} leads outside {directory} "
+        raise CheckpointError(f"{index}: weight_map entry {entry()!r} -> {shard!r} leads outside {directory} "
                               f"(to {target}); refusing to read it")
     return directory / shard
 
