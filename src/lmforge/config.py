@@ -85,8 +85,9 @@ def check_field_types(obj: Any) -> None:
             if name.endswith("token_id"):
                 expected = expected.replace("a list of integers", "a list of token ids").replace("an integer", "a token id")
             raise ConfigError(f"{cls.__name__}.{name} must be {expected}, got {_show(value)}")
-        if name == "seed" and conformed is not None and conformed not in SEED_RANGE:
-            raise ConfigError(f"{cls.__name__}.seed must be in 0..{SEED_RANGE.stop - 1} (64 bits), got {conformed}")
+        seeds = getattr(cls, "SEED_RANGE", SEED_RANGE)  # a class may take another 64-bit range (OpenAI's int64)
+        if name == "seed" and conformed is not None and conformed not in seeds:
+            raise ConfigError(f"{cls.__name__}.seed must be in {seeds.start}..{seeds.stop - 1} (64 bits), got {conformed}")
         if conformed is not value:
             object.__setattr__(obj, name, conformed)
 

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("perplexity", help="sliding-window perplexity on a text or token file")
     _model_flags(s)
     s.add_argument("--data", required=True, metavar="FILE_OR_DATASET",
-                   help="text file, .jsonl (field --text-field, rows joined by blank lines), .npy/.bin tokens, "
+                   help="text file, .jsonl/.csv/.tsv (field --text-field, rows joined by blank lines), .npy/.bin tokens, "
                         "or a directory made by `lmforge prepare`")
     s.add_argument("--split", default=None, help="split of a prepared dataset directory (default: val)")
     s.add_argument("--text-field", default=None, help="JSONL field holding the text (default: text)")
@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("choice", help="zero-shot multiple choice by log-likelihood (acc, acc_norm)")
     _model_flags(s)
-    s.add_argument("--data", required=True, metavar="ITEMS.jsonl", help="rows of context, choices (list), gold (index)")
+    s.add_argument("--data", required=True, metavar="ITEMS.jsonl|.csv|.tsv",
+                   help="rows of context, choices (a list; in CSV/TSV a JSON list in the cell), gold (index or text)")
     s.add_argument("--delimiter", default=None, help="text between context and each choice (default: one space)")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     _output_flags(s, "choice")
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("generate", help="generate answers for a task, then score them (BLEU/chrF, ROUGE, SQuAD)")
     _model_flags(s)
     s.add_argument("--task", required=True, choices=["translation", "summarization", "qa"])
-    s.add_argument("--data", required=True, metavar="FILE.jsonl",
+    s.add_argument("--data", required=True, metavar="FILE.jsonl|.csv|.tsv",
                    help="translation: source/target; summarization: document/summary(ies); qa: context/question/answers")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     s.add_argument("--template", default=None, help="prompt template with {field} slots (default: the task's)")
@@ -58,16 +59,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("classify", help="accuracy, precision/recall/F1 and confusion matrix of a classifier")
     _model_flags(s)
-    s.add_argument("--data", required=True, metavar="VAL.jsonl", help="rows of text and label")
+    s.add_argument("--data", required=True, metavar="VAL.jsonl|.csv|.tsv", help="rows of text and label")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     _output_flags(s, "classify")
     s.set_defaults(func=run_classify)
 
     s = sub.add_parser("score", help="score existing predictions against references")
     s.add_argument("--predictions", required=True, metavar="FILE",
-                   help=".txt (one per line) or .jsonl (field --prediction-field, default: prediction)")
+                   help=".txt (one per line), .jsonl, .csv or .tsv (field --prediction-field, default: prediction)")
     s.add_argument("--references", default=None, metavar="FILE",
-                   help=".txt or .jsonl (lists allowed: several references); default: the predictions file's references")
+                   help=".txt, .jsonl, .csv or .tsv (lists allowed: several references); default: the predictions "
+                        "file's references")
     s.add_argument("--metric", required=True,
                    help="bleu, chrf, chrf++, rouge, squad (exact match + F1) or classification; comma-separated for several")
     s.add_argument("--prediction-field", default=None, help="JSONL field of the predictions")
@@ -179,11 +181,14 @@ def _check_window(model, options: dict[str, Any]) -> None:
                           f"(n_positions={n}); use --max-length {n} or less")
 
 
+CHOICE_FIELDS = ["context", "choices", "gold"]
+
+
 def run_choice(args: argparse.Namespace) -> int:
     from lmforge import evaluation
 
     started = _start(args)
-    items = _limit(evaluation.read_jsonl(args.data), args.limit)
+    items = _limit(evaluation.read_rows(args.data, columns=CHOICE_FIELDS, json_fields=["choices"]), args.limit)
     model, tok = _load(args)
     result = evaluation.evaluate_choice(model, tok, items, path=args.data, progress=_progress(args),
                                         **_set(args, delimiter="delimiter", batch_size="batch_size", dtype="dtype"))
@@ -195,7 +200,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from lmforge import evaluation
 
     started = _start(args)
-    rows = _limit(evaluation.read_jsonl(args.data), args.limit)
+    rows = _limit(evaluation.read_rows(args.data, json_fields=evaluation.REFERENCE_FIELDS[args.task]), args.limit)
     options = _set(args, **{name: name for name in (*SAMPLING_FLAGS, "do_sample")})
     config = evaluation.generation_config_for(args.task, **options)
     model, tok = _load(args)
@@ -215,7 +220,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from lmforge.errors import CheckpointError
 
     started = _start(args)
-    rows = _limit(evaluation.read_jsonl(args.data), args.limit)
+    rows = _limit(evaluation.read_rows(args.data, columns=["text", "label"]), args.limit)
     try:
         classification = importlib.import_module("lmforge.tasks.classification")
         load_classifier = classification.load_classifier
@@ -248,8 +253,9 @@ def run_score(args: argparse.Namespace) -> int:
     ref_fields = (args.reference_field,) if args.reference_field else REFERENCE_FIELDS
     predictions = evaluation.read_column(args.predictions, pred_fields, "--predictions")
     if args.references is None:
-        if Path(args.predictions).suffix != ".jsonl":
-            raise DataError(f"--references is required: {args.predictions} is not a .jsonl file that carries them")
+        if Path(args.predictions).suffix.lower() not in (".jsonl", ".csv", ".tsv"):
+            raise DataError(f"--references is required: {args.predictions} is not a .jsonl/.csv/.tsv file that "
+                            f"carries them")
         references = evaluation.read_column(args.predictions, ref_fields, "--predictions (references)")
     else:
         references = evaluation.read_column(args.references, ref_fields, "--references")

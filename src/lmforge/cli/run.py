@@ -1,8 +1,9 @@
-"""`lmforge run TASK`: apply a pipeline to a JSONL file, with progress, writing the results atomically.
+"""`lmforge run TASK`: apply a pipeline to a JSONL, CSV or TSV file, with progress, writing the results atomically.
 
     lmforge run sentiment-analysis --model runs/sst2/best --input reviews.jsonl --output scored.jsonl
     lmforge run translation --model runs/mt/best --input en.jsonl --output de.jsonl --max-new-tokens 40
     lmforge run question-answering --model runs/qa/best --input squad.jsonl --output answers.jsonl
+    lmforge run sentiment-analysis --model runs/sst2/best --input reviews.csv --output scored.csv
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ TASKS = "text-generation, sentiment-analysis (= text-classification), translatio
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "run", help="apply a pipeline (generation, classification, translation, summarization, QA) to a JSONL file",
-        description="Read one JSON object per line, apply the task's pipeline, write each row plus the result "
+        "run", help="apply a pipeline (generation, classification, translation, summarization, QA) to a JSONL, CSV "
+                    "or TSV file",
+        description="Read one JSON object per line (or, from a .csv / .tsv file, one row per record under a header "
+                    "row of field names), apply the task's pipeline, write each row plus the result "
                     "fields (generated_text, label+score, translation_text, summary_text, answer+score+start+end) "
                     "as one JSON line. Input fields: 'text' (or --field) for every task but question-answering, "
                     "which reads 'question' and 'context'. A result field the row already has (e.g. a gold "
-                    "'label') is written as predicted_NAME. The output appears only when every row is done.")
+                    "'label') is written as predicted_NAME. The output is JSONL, or CSV/TSV when its name ends in "
+                    ".csv / .tsv; it appears only when every row is done.")
     p.add_argument("task", metavar="TASK", help=TASKS)
     p.add_argument("--model", required=True, help="model directory or Hub name (a classifier for sentiment-analysis)")
-    p.add_argument("--input", required=True, metavar="FILE.jsonl")
-    p.add_argument("--output", required=True, metavar="FILE.jsonl")
+    p.add_argument("--input", required=True, metavar="FILE.jsonl|.csv|.tsv")
+    p.add_argument("--output", required=True, metavar="FILE.jsonl|.csv|.tsv")
     p.add_argument("--field", default=None, help="input field holding the text (default: text; not for question-answering)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")

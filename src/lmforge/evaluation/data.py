@@ -1,4 +1,5 @@
-"""Reading evaluation data: JSONL rows with required fields, prediction/reference columns, token streams."""
+"""Reading evaluation data: rows (JSONL, CSV or TSV) with required fields, prediction/reference
+columns, token streams."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.data import check_input_file, iter_jsonl, read_text_file
+from lmforge.tasks.data import check_input_file, is_table, iter_rows, read_text_file
 
 
-def read_jsonl(path: str | os.PathLike, option: str = "--data") -> list[Any]:
-    """Every line of a JSONL file, parsed; errors name the file (and the CLI option) and the line."""
-    rows = [row for _, row in iter_jsonl(path, option)]
+def read_rows(path: str | os.PathLike, option: str = "--data", *, columns: Sequence[str] = (),
+              json_fields: Sequence[str] = ()) -> list[Any]:
+    """Every row of a JSONL file (one JSON value per line) or a CSV/TSV file (by extension: a header
+    row of column names, then {column: text} rows; `columns` must be among them, and cells of
+    `json_fields` columns may hold JSON lists); errors name the file (and the CLI option) and the line."""
+    rows = [row for _, row in iter_rows(path, option, columns=columns, json_fields=json_fields)]
     if not rows:
         raise DataError(f"{option} {path}: the file is empty")
     return rows
+
+
+read_jsonl = read_rows  # the name it had when only JSONL was read
 
 
 def require_fields(rows: Sequence[Any], fields: Sequence[str], path: str | os.PathLike, option: str = "--data") -> None:
@@ -30,15 +37,20 @@ def require_fields(rows: Sequence[Any], fields: Sequence[str], path: str | os.Pa
 
 
 def read_column(path: str | os.PathLike, candidates: Sequence[str], option: str) -> list[Any]:
-    """Predictions or references from a file: `.txt` (one per line, blank line = empty string) or
-    `.jsonl` (a JSON value per line, or an object read at the first of `candidates` it has)."""
+    """Predictions or references from a file: `.txt` (one per line, blank line = empty string),
+    `.jsonl` (a JSON value per line, or an object read at the first of `candidates` it has) or
+    `.csv` / `.tsv` (the first of `candidates` among the header's columns; a cell may hold a JSON
+    list of several references)."""
     path = check_input_file(path, option)
-    if path.suffix != ".jsonl":
+    if path.suffix != ".jsonl" and not is_table(path):
         lines = read_text_file(path, option).splitlines()
         if not lines:
             raise DataError(f"{option} {path}: the file is empty")
         return lines
-    rows = read_jsonl(path, option)
+    rows = read_rows(path, option, json_fields=candidates)
+    if is_table(path) and not any(c in rows[0] for c in candidates):
+        raise DataError(f"{option} {path}: none of the columns {list(candidates)} (the header row has "
+                        f"{list(rows[0])}); name the column with the command's field option")
     values = []
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
@@ -57,8 +69,8 @@ def load_tokens(path: str | os.PathLike, tokenizer: Any = None, text_field: str 
     - a directory made by `lmforge prepare` (its `split`, documents separated by EOS; checked
       against `tokenizer` when one is given),
     - a `.bin` token file (the dtype of a dataset.json beside it, else uint16) or a `.npy` array,
-    - a `.jsonl` file (its `text_field` values joined by blank lines) or any other file as UTF-8
-      text, encoded with `tokenizer`.
+    - a `.jsonl`, `.csv` or `.tsv` file (its `text_field` values joined by blank lines) or any
+      other file as UTF-8 text, encoded with `tokenizer`.
     `max_tokens` keeps only the first tokens (a quick estimate)."""
     import numpy as np
 
@@ -79,8 +91,8 @@ def load_tokens(path: str | os.PathLike, tokenizer: Any = None, text_field: str 
     else:
         if tokenizer is None:
             raise ConfigError(f"--data {path} is text: a tokenizer is needed to encode it (--tokenizer)")
-        if path.suffix == ".jsonl":
-            rows = read_jsonl(path)
+        if path.suffix == ".jsonl" or is_table(path):
+            rows = read_rows(path, columns=[text_field])
             require_fields(rows, [text_field], path)
             text = "\n\n".join(str(r[text_field]) for r in rows)
         else:

@@ -14,6 +14,7 @@ import torch
 from lmforge import metrics
 from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation.data import require_fields
+from lmforge.tasks.data import int_like
 
 # Zero-shot prompts for `evaluate generate`: simple, fixed, and recorded in every report.
 PROMPT_TEMPLATES = {
@@ -111,7 +112,10 @@ def evaluate_choice(
     for i, item in enumerate(items, 1):
         choices, gold = item["choices"], item["gold"]
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-            raise DataError(f"--data {path}: row {i}: `choices` must be a non-empty list of non-empty strings")
+            raise DataError(f"--data {path}: row {i}: `choices` must be a non-empty list of non-empty strings "
+                            f"(in a CSV/TSV file: a JSON list in the cell, e.g. [\"yes\", \"no\"])")
+        if isinstance(gold, str) and gold not in choices and int_like(gold):
+            gold = int(gold)  # an index as a CSV/TSV cell holds it
         if isinstance(gold, str):
             if gold not in choices:
                 raise DataError(f"--data {path}: row {i}: gold {gold!r} is not one of its choices")
@@ -156,11 +160,26 @@ def evaluate_classification(
         if len(batch) != len(texts[i: i + batch_size]):
             raise DataError(f"the classifier returned {len(batch)} labels for {len(texts[i: i + batch_size])} texts")
         predictions.extend(batch)
+    references = align_labels(predictions, references)
     report = metrics.classification_metrics(predictions, references)
     result = Evaluation("classify", report, {"text_field": text_field, "label_field": label_field},
                         [{"text": t, "label": r, "prediction": p} for t, r, p in zip(texts, references, predictions)])
     result.plot_data = {"confusion_matrix": report["confusion_matrix"], "labels": report["labels"]}
     return result
+
+
+def align_labels(predictions: Sequence[Hashable], references: Sequence[Any]) -> list[Any]:
+    """References of the predictions' kind: a classifier with integer labels scored on text labels
+    that are whole numbers (a CSV/TSV cell "1") compares integers, and one with text labels scored
+    on integers compares their text, so the file format never turns right answers into wrong ones."""
+    refs = list(references)
+    if predictions and all(isinstance(p, int) and not isinstance(p, bool) for p in predictions):
+        if refs and all(int_like(r) or (isinstance(r, int) and not isinstance(r, bool)) for r in refs):
+            return [int(r) for r in refs]
+    elif predictions and all(isinstance(p, str) for p in predictions):
+        if all(isinstance(r, (str, int)) and not isinstance(r, bool) for r in refs):
+            return [str(r) for r in refs]
+    return refs
 
 
 def prompt_template(task: str, template: str | None = None) -> str:

@@ -61,8 +61,15 @@ def apply_repetition_penalty(
         ids = ids.masked_fill(positions[None, :] < ignore_before[:, None], vocab)
     seen = torch.zeros(scores.size(0), vocab + 1, dtype=torch.bool, device=scores.device)
     seen.scatter_(1, ids, True)
-    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    penalized = _bounded(torch.where(scores < 0, scores * penalty, scores / penalty), scores)
     return torch.where(seen[:, :vocab], penalized, scores)
+
+
+def _bounded(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """`new` with the finite scores of `old` kept finite: a tiny penalty or temperature (1e-200) would
+    turn them into +-inf, and two +inf make softmax NaN. Masked (-inf) scores stay as they are."""
+    big = torch.finfo(new.dtype).max
+    return torch.where(torch.isfinite(old), new.clamp(-big, big), old)
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, token_ids: torch.Tensor, ngram_size: int) -> torch.Tensor:
@@ -91,7 +98,9 @@ def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """p_i proportional to exp(z_i / T): T < 1 sharpens, T > 1 flattens."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return scores if temperature == 1.0 else scores / temperature
+    if temperature >= 1.0:  # flattening cannot overflow: skip the guard in the sampling loop
+        return scores if temperature == 1.0 else scores / temperature
+    return _bounded(scores / temperature, scores)
 
 
 def top_k_filter(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:

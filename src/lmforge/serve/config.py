@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmforge.config import checked
 from lmforge.errors import ConfigError
 
 
+@checked
 @dataclass
 class ServerConfig:
     """HTTP-side settings; the engine's are in EngineConfig."""

@@ -31,10 +31,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from lmforge.config import checked
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation import GenerationConfig, resolve_config
 from lmforge.generation.sampling import Sampler, choose_rows, token_logprobs
@@ -61,6 +62,7 @@ class EngineStoppedError(LmforgeError):
     """The engine is shutting down or stopped and takes no new requests (HTTP 503)."""
 
 
+@checked
 @dataclass
 class EngineConfig:
     """Scheduler limits. max_model_len (prompt + completion) defaults to the model's context."""
@@ -78,10 +80,13 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
 
 
+@checked
 @dataclass
 class SamplingParams:
     """Per-request decoding options, with OpenAI's names and meanings (top_k, repetition_penalty,
     stop_token_ids, ignore_eos are vLLM's extras). temperature 0 is greedy."""
+
+    SEED_RANGE: ClassVar[range] = range(-2**63, 2**64)  # OpenAI's int64, or the generator's uint64
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -115,6 +120,11 @@ class SamplingParams:
             raise ConfigError("stop must be a non-empty string or a list of non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ConfigError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ConfigError(f"logit_bias of token {token} must be a number in [-100, 100], got {bias!r}")
 
     @property
     def greedy(self) -> bool:

@@ -1,10 +1,12 @@
-"""Apply a pipeline to a JSONL file: one output line per input row (the row plus the result fields).
+"""Apply a pipeline to a row file (JSONL, CSV or TSV): one output row per input row (the row plus the
+result fields), as JSONL, or as CSV/TSV when the output's name ends in .csv / .tsv.
 
     run_file("sentiment-analysis", "runs/sst2/best", "reviews.jsonl", "scored.jsonl")
     run_file("translation", "runs/mt/best", "en.jsonl", "de.jsonl", max_new_tokens=40)
 
 Input fields: `text` for text-generation, text-classification, translation and summarization
-(`field=` picks another), `question` and `context` for question-answering. Every row is read and
+(`field=` picks another), `question` and `context` for question-answering: JSONL keys, or the
+column names of a CSV/TSV file's header row. Every row is read and
 checked before the model loads, so a bad row fails fast with `file:line`. The output is written to a
 temporary file beside the target and renamed into place only when every row is done: a failed or
 interrupted run leaves no partial output (and an existing file untouched).
@@ -12,6 +14,7 @@ interrupted run leaves no partial output (and an existing file untouched).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any, Sequence
 
 from lmforge._io import atomic_path, check_writable
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.data import Record, read_records
+from lmforge.tasks.data import TABLE_DELIMITERS, Record, is_table, read_records
 from lmforge.tasks.pipelines import TASK_ALIASES
 
 DEFAULT_FIELD = "text"
@@ -109,13 +112,38 @@ def run_file(
     start = time.perf_counter()
     pipe = pipeline(task, model=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
                     quantize=quantize)
-    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+    table = is_table(output_path)
+    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8", newline="" if table else None) as out:
         bar = tqdm(total=len(records), unit="row", desc=f"{kind}", disable=None if progress is None else not progress)
+        rows_out = []
         for i in range(0, len(records), batch_size):
             chunk = [r.row for r in records[i: i + batch_size]]
             for row, result in zip(chunk, _results(pipe, kind, chunk, fields[0], options)):
-                out.write(json.dumps(merge_result(row, result), ensure_ascii=False) + "\n")
+                if table:
+                    rows_out.append(merge_result(row, result))
+                else:
+                    out.write(json.dumps(merge_result(row, result), ensure_ascii=False) + "\n")
             bar.update(len(chunk))
         bar.close()
+        if table:
+            write_table(out, rows_out, TABLE_DELIMITERS[os.path.splitext(output_path)[1].lower()])
         out.flush()
     return RunSummary(kind, len(records), str(output_path), time.perf_counter() - start)
+
+
+def write_table(out: Any, rows: Sequence[dict[str, Any]], delimiter: str) -> None:
+    """Rows as CSV/TSV with a header row (every column of any row, in order of appearance); a list or
+    object value is written as JSON text, which lmforge reads back as such."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.writer(out, delimiter=delimiter)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)

@@ -1,5 +1,6 @@
-"""Labeled examples for fine-tuning: JSONL readers that name `file:line`, and the batch sources
-the trainer draws from (shuffled epochs, seeded, split across ranks, resumable).
+"""Labeled examples for fine-tuning: the one reader of row files (JSONL, or CSV/TSV with a header
+row) whose errors name `file:line`, and the batch sources the trainer draws from (shuffled epochs,
+seeded, split across ranks, resumable). `lmforge finetune`, `run` and `evaluate` all read rows here.
 
 A source has `next_batch() -> dict[str, Tensor]`, `state_dict()` / `load_state_dict()` (its
 position) and `num_tokens(batch)`; `val_batches(...)` makes the zero-argument callable the trainer
@@ -8,8 +9,11 @@ uses for validation.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,6 +30,7 @@ class Record:
     row: dict[str, Any]
     path: str
     line: int
+    table: bool = False  # from a CSV/TSV file: every value is text (or a JSON cell of a structured field)
 
     @property
     def where(self) -> str:
@@ -51,6 +56,110 @@ def iter_jsonl(path: str | os.PathLike, option: str = "--data") -> Iterator[tupl
                 raise DataError(f"{option} {path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
 
 
+# Row files by extension: a CSV or TSV file has a header row of column names, which are the field
+# names a JSONL row would use as keys. Anything else is read as JSONL.
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    """Whether `path` is read as CSV/TSV (by its extension) rather than as JSONL."""
+    return Path(path).suffix.lower() in TABLE_DELIMITERS
+
+
+def iter_rows(path: str | os.PathLike, option: str = "--data", *, columns: Sequence[str] = (),
+              json_fields: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:
+    """(line number, row) of every row of a row file: JSONL (one JSON value per line), or CSV/TSV by
+    extension (a dict of column -> cell text per record). For a table, `columns` must all be in the
+    header (else a DataError naming the file, the missing columns and the columns found), and a cell
+    of a `json_fields` column that holds a JSON list or object (`["Paris", "paris"]`) is read as it;
+    every other cell stays text."""
+    if is_table(path):
+        yield from iter_table(path, option, columns=columns, json_fields=json_fields)
+    else:
+        yield from iter_jsonl(path, option)
+
+
+def iter_table(path: str | os.PathLike, option: str = "--data", *, columns: Sequence[str] = (),
+               json_fields: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, {column: cell}) of every record of a CSV (comma) or TSV (tab) file with a
+    header row, read with the csv module (quoted cells may hold the delimiter, quotes and newlines);
+    the line is where the record starts. Blank lines are skipped; a record with another number of
+    cells than the header fails naming `file:line`."""
+    path = check_input_file(path, option)
+    kind = path.suffix.lower()[1:].upper()
+    text = read_text_file(path, option).removeprefix("\ufeff")  # the byte-order mark spreadsheets write
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_DELIMITERS[path.suffix.lower()], strict=True)
+    try:
+        header = next(reader, None)
+        while header is not None and not any(cell.strip() for cell in header):
+            header = next(reader, None)  # blank lines before the header
+        if header is None:
+            raise DataError(f"{option} {path}: the file is empty; a {kind} file needs a header row of column names "
+                            f"(e.g. text,label) and then one row per example")
+        names = [name.strip() for name in header]
+        _check_header(names, path, option, reader.line_num, kind)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            other = "\t" if kind == "CSV" else ","
+            hint = (f"; the file looks {'tab' if kind == 'CSV' else 'comma'}-separated: name it "
+                    f"{path.with_suffix('.tsv' if kind == 'CSV' else '.csv').name}"
+                    if len(names) == 1 and other in names[0] else "")
+            raise DataError(f"{option} {path}: no column {_names(missing)} (the header row has {names}); name the "
+                            f"columns in the first row of the file, or pick the right ones with the command's field "
+                            f"options{hint}")
+        wanted = [name for name in json_fields if name in names]
+        start = reader.line_num + 1
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in cells) and len(cells) <= 1:
+                continue
+            if len(cells) != len(names):
+                raise DataError(f"{option} {path}:{line}: {len(cells)} cells, but the header row has {len(names)} "
+                                f"columns {names}; quote cells that hold the delimiter ({_show_delimiter(kind)}) "
+                                f"or a line break")
+            row: dict[str, Any] = dict(zip(names, cells))
+            for name in wanted:
+                row[name] = _json_cell(row[name])
+            yield line, row
+    except csv.Error as e:
+        raise DataError(f"{option} {path}:{reader.line_num}: not valid {kind} ({e})") from None
+
+
+def _check_header(names: list[str], path: Path, option: str, line: int, kind: str) -> None:
+    if any(not name for name in names):
+        raise DataError(f"{option} {path}:{line}: the header row {names} has an empty column name; the first row "
+                        f"of a {kind} file names every column")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DataError(f"{option} {path}:{line}: the header row names column(s) {twice} more than once")
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _show_delimiter(kind: str) -> str:
+    return "a tab" if kind == "TSV" else "a comma"
+
+
+def _json_cell(text: str) -> Any:
+    """A cell holding a JSON list or object, parsed; any other text as it is."""
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(value, (list, dict)):
+            return value
+    return text
+
+
+def int_like(value: Any) -> bool:
+    """A text cell holding a whole number ("3", "-1"): how a CSV/TSV file holds an integer."""
+    return isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()) is not None
+
+
 def check_input_file(path: str | os.PathLike, option: str) -> Path:
     """`path` as a Path when it is a readable file; a DataError naming the option otherwise."""
     path = Path(path)
@@ -72,11 +181,13 @@ def read_text_file(path: str | os.PathLike, option: str) -> str:
                         f"convert the file to UTF-8 (e.g. iconv -t UTF-8)") from None
 
 
-def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: str = "--train") -> list[Record]:
-    """Every object of a JSONL file; fails on bad JSON, a non-object row or a missing field,
-    naming the option, `file:line` and the fields the row does have."""
+def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: str = "--train", *,
+                 json_fields: Sequence[str] = ()) -> list[Record]:
+    """Every row of a JSONL or CSV/TSV file (see iter_rows); fails on bad JSON, a non-object row or a
+    missing field (column), naming the option, `file:line` and the fields the row does have."""
     records = []
-    for lineno, row in iter_jsonl(path, option):
+    table = is_table(path)
+    for lineno, row in iter_rows(path, option, columns=fields, json_fields=json_fields):
         if not isinstance(row, dict):
             raise DataError(f"{option} {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         missing = [name for name in fields if name not in row]
@@ -85,7 +196,7 @@ def read_records(path: str | os.PathLike, fields: Sequence[str] = (), option: st
                 f"{option} {path}:{lineno}: missing field(s) {missing} (the row has {sorted(row)}); "
                 f"pick the right field names with the field options of the command"
             )
-        records.append(Record(row, str(path), lineno))
+        records.append(Record(row, str(path), lineno, table))
     if not records:
         raise DataError(f"{option} {path}: the file has no rows")
     return records

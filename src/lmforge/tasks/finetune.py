@@ -1,4 +1,5 @@
-"""Fine-tuning recipes: labeled JSONL + a base model -> the shared Trainer -> a normal model directory.
+"""Fine-tuning recipes: labeled rows (JSONL, CSV or TSV) + a base model -> the shared Trainer -> a
+normal model directory.
 
     finetune_classifier(config, model="gpt2", train="train.jsonl", val="val.jsonl")   # accuracy / macro F1
     finetune_sft(config, model="gpt2", train=..., val=..., task="translation")       # loss on responses only
@@ -13,6 +14,9 @@ and the server load it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
@@ -26,11 +30,11 @@ from lmforge.tasks.classification import (
     GPTForSequenceClassification, balanced_class_weights, classification_loss, collate_classification,
     encode_texts,
 )
-from lmforge.tasks.data import Record, ShuffledSource, read_records, val_batches
+from lmforge.tasks.data import Record, ShuffledSource, int_like, read_records, val_batches
 from lmforge.tasks.lora import apply_lora, describe_trainable
 from lmforge.tasks.sft import CONFIG_KEY, SFTStats, build_sft_examples, collate_sft, make_template, pack_examples
 from lmforge.training import distributed as D
-from lmforge.training.config import TrainConfig
+from lmforge.training.config import TrainConfig, check_metric_name
 from lmforge.training.trainer import Trainer, TrainResult, causal_lm_loss
 
 
@@ -128,6 +132,29 @@ def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str) -
                         f"the tokenizer does not match the model (use the model's own tokenizer)")
 
 
+def data_fingerprint(train: str | os.PathLike, val: str | os.PathLike | None) -> str:
+    """What the training and validation files hold, not where they lie: a resumed run compares it
+    (the files may move, or the run directory; other data under the same name is refused)."""
+    from lmforge.data import file_sha256
+
+    ident = {"train": file_sha256(train), "val": file_sha256(val) if val else None}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_best_metric(config: TrainConfig, val: str | None, metrics: Sequence[str] = ()) -> None:
+    """A best_metric the run will never report (`val_los`) fails before any data or model is read."""
+    validated = val is not None and config.eval_batches > 0
+    check_metric_name(config.best_metric, ["val_loss", "val_ppl", *metrics] if validated else [])
+
+
+def table_labels(records: Sequence[Record], field_name: str) -> None:
+    """A CSV/TSV label column of whole numbers ("0", "1") holds class ids, as the integers of a JSONL
+    file do: convert them, so the same data in either format trains the same classifier."""
+    if records and records[0].table and all(int_like(r.row[field_name]) for r in records):
+        for r in records:
+            r.row[field_name] = int(r.row[field_name])
+
+
 def _label_key(label: Any, where: str) -> Hashable:
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise DataError(f"{where}: label {label!r} must be a string or an integer (class name or id)")
@@ -177,7 +204,22 @@ def _finish(config: TrainConfig, dist: D.DistInfo, plot: bool, notes: list[str])
     D.shutdown(dist)
 
 
+def recipe_of(**options: Any) -> dict[str, Any]:
+    """How the run was asked for (paths, fields, templates, LoRA), saved in RUN/config.json so that
+    `--resume` can take them from there; informational (what the run is, is compared elsewhere)."""
+    lora = options.pop("lora", None)
+    out = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in options.items()}
+    if not isinstance(out.get("class_weights"), (str, type(None))):
+        out["class_weights"] = [float(x) for x in out["class_weights"]]
+    out["lora"] = None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                                             "targets": list(lora.targets) if lora.targets else None}
+    return out
+
+
 # ---- classification ----------------------------------------------------------------------------
+
+# The validation metrics a classifier reports besides val_loss / val_ppl (best_metric may name one).
+CLASSIFIER_METRICS = ("accuracy", "macro_f1")
 
 
 def finetune_classifier(
@@ -192,14 +234,17 @@ def finetune_classifier(
     from lmforge import metrics
 
     base = base_name(model, preset)
+    check_best_metric(config, val, CLASSIFIER_METRICS)
     dist = D.init_distributed(config.device)
     torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
     notes = Notes(verbose and dist.is_main)
     records = read_records(train, [text_field, label_field], "--train")
+    table_labels(records, label_field)
     labels = _label_set(records, label_field)
     if len(labels) < 2:
         raise DataError(f"--train {train}: every example has label {labels[0]!r}; a classifier needs two labels or more")
     val_records = read_records(val, [text_field, label_field], "--val") if val else []
+    table_labels(val_records, label_field)
     if val_records:
         _check_val_labels(labels, val_records, label_field, train)
     tok = load_tokenizer(tokenizer, model)
@@ -250,7 +295,8 @@ def finetune_classifier(
     if config.best_metric is None:
         config = config.replace(best_metric="accuracy" if eval_fn else None, best_mode="max")
     extra = {"task": "classify", "base_model": base, "labels": [str(x) for x in labels],
-             "data": {"train": str(train), "val": str(val) if val else None, "text_field": text_field,
+             "data": {"train": str(train), "val": str(val) if val else None,
+                      "fingerprint": data_fingerprint(train, val), "text_field": text_field,
                       "label_field": label_field, "train_examples": len(train_examples),
                       "group_by_length": group_by_length},
              "class_weights": weights.tolist() if weights is not None else None,
@@ -258,8 +304,12 @@ def finetune_classifier(
     loss_fn = functools.partial(classification_loss, class_weights=weights)
     val_source = val_batches(val_examples, config.batch_size, collate, rank=dist.rank,
                              world_size=dist.world_size) if val_examples else None
+    extra["recipe"] = recipe_of(model=model, preset=preset, train=train, val=val, tokenizer=tokenizer,
+                                text_field=text_field, label_field=label_field, class_weights=class_weights,
+                                max_length=max_length, eval_limit=eval_limit, group_by_length=group_by_length,
+                                lora=lora)
     trainer = Trainer(net, config, source, val_source, loss_fn=loss_fn, eval_fn=eval_fn, tokenizer=tok,
-                      extra_config=extra, dist=dist)
+                      extra_config=extra, dist=dist, eval_metrics=CLASSIFIER_METRICS if eval_fn else None)
     result = trainer.train()
     _finish(config, dist, plot, notes)
     return FinetuneOutcome(result, list(notes), {"labels": labels, "label_counts": counts}, dist.is_main)
@@ -291,12 +341,14 @@ def finetune_sft(
     `preset`, on prompt -> response pairs (loss on response tokens only); the template is stored in
     the saved config.json so pipelines and evaluation reuse it."""
     base = base_name(model, preset)
+    check_best_metric(config, val)
     dist = D.init_distributed(config.device)
     torch.manual_seed(config.seed)  # a new head and LoRA's A are random: the same run twice starts the same
     template = make_template(task, prompt_template, response_template, document_field)
     notes = Notes(verbose and dist.is_main)
-    records = read_records(train, template.fields, "--train")
-    val_records = read_records(val, template.fields, "--val") if val else []
+    structured = template.structured_fields
+    records = read_records(train, template.fields, "--train", json_fields=structured)
+    val_records = read_records(val, template.fields, "--val", json_fields=structured) if val else []
     tok = load_tokenizer(tokenizer, model)
     if tok.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos token; SFT ends every response with eos")
@@ -329,10 +381,15 @@ def finetune_sft(
     if config.best_metric is None and val_source is not None:
         config = config.replace(best_metric="val_loss", best_mode="min")
     extra = {"task": f"sft:{task}", "base_model": base, "template": template.to_dict(), "pack": pack,
-             "data": {"train": str(train), "val": str(val) if val else None, "train_examples": stats.examples,
+             "data": {"train": str(train), "val": str(val) if val else None,
+                      "fingerprint": data_fingerprint(train, val), "train_examples": stats.examples,
                       "truncated": stats.truncated, "max_length": limit,
                       "group_by_length": group_by_length},
-             "lora": dict(vars(lora), targets=net.lora_settings["targets"]) if lora else None}
+             "lora": dict(vars(lora), targets=net.lora_settings["targets"]) if lora else None,
+             "recipe": recipe_of(model=model, preset=preset, train=train, val=val, tokenizer=tokenizer, task=task,
+                                 prompt_template=prompt_template, response_template=response_template,
+                                 document_field=document_field, pack=pack, max_length=max_length,
+                                 group_by_length=group_by_length, lora=lora)}
     trainer = Trainer(net, config, source, val_source, loss_fn=causal_lm_loss, tokenizer=tok, extra_config=extra,
                       dist=dist)
     result = trainer.train()

@@ -34,6 +34,12 @@ MAX_FORMAT_NUMBER = 1000
 _INDEXES = re.compile(r"(\[[^\[\]]*\])*")
 
 
+def indexed_fields(text: str) -> list[str]:
+    """The fields a format string indexes (`{answers[0]}` -> answers): they hold lists or objects."""
+    return [re.match(r"[^.\[]*", name).group() for _, name, _, _ in string.Formatter().parse(text)
+            if name and "[" in name]
+
+
 def template_fields(text: str) -> list[str]:
     """The row fields a format string reads (`{answers[0]}` reads `answers`). ValueError for a slot
     that names no field, reads an attribute (`{x.__class__}`), nests a slot in its format spec, or
@@ -81,6 +87,14 @@ class SFTTemplate:
     def fields(self) -> list[str]:
         return list(dict.fromkeys(template_fields(self.prompt) + template_fields(self.response)))
 
+    @property
+    def structured_fields(self) -> list[str]:
+        """Fields whose values are lists or objects (indexed slots; chat's messages): a CSV/TSV cell
+        of one holds JSON."""
+        if self.task == "chat":
+            return ["messages"]
+        return list(dict.fromkeys(indexed_fields(self.prompt) + indexed_fields(self.response)))
+
     def render_prompt(self, row: dict[str, Any], where: str = "input") -> str:
         return _format(self.prompt, row, where)
 
@@ -108,6 +122,11 @@ TASKS = (*TEMPLATES, "chat", "custom")
 
 
 def _format(text: str, row: dict[str, Any], where: str) -> str:
+    """`text` filled from `row`. A text value in an indexed slot (`{answers[0]}` with "Paris", as a
+    CSV cell or a JSONL string gives it) is a one-item list, not indexed character by character."""
+    texts = {name: [row[name]] for name in indexed_fields(text) if isinstance(row.get(name), str)}
+    if texts:
+        row = {**row, **texts}
     try:
         return text.format(**row)
     except KeyError as e:
@@ -233,7 +252,7 @@ def encode_chat_example(
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                        for m in messages)):
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
-                        "objects with string values")
+                        "objects with string values (in a CSV/TSV file: that list as JSON in the messages cell)")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn; add one or drop the row")
 

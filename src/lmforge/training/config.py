@@ -28,6 +28,11 @@ RESUMABLE_CHANGES = frozenset({
 })
 # Where the data lay (a run directory or a dataset folder may move): not compared on --resume.
 LOCATION_KEYS = frozenset({"data.directory"})
+# What data.fingerprint already covers (where the data is and how much of it there is): when both
+# configs have a fingerprint, these are not compared. Other data.* keys (which fields, how batched)
+# are settings and still must match.
+FINGERPRINTED_KEYS = frozenset({"data.directory", "data.train", "data.val", "data.train_tokens", "data.vocab_size",
+                                "data.train_examples", "data.truncated"})
 # How the run was asked for (e.g. the --data paths), kept so --resume can reuse it: not compared.
 INFORMATIONAL_PREFIXES = ("recipe.",)
 
@@ -156,14 +161,14 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
     """Dotted keys whose values differ between two resolved run configs (nested dicts are walked),
     ignoring the options in RESUMABLE_CHANGES and where things are (LOCATION_KEYS): a run directory
     or a dataset may move. Data is compared by what it is: when both configs give data.fingerprint,
-    the other data.* keys (which describe the same data) are not compared. A key the saved config
+    the data.* keys that describe the same data (FINGERPRINTED_KEYS) are not compared. A key the saved config
     does not have at all was added by a later lmforge (e.g. model.family): the saved run ran with
     that key's default, so a run made by an earlier version still resumes."""
     a, b = _flatten(saved), _flatten(current)
     by_fingerprint = "data.fingerprint" in a and "data.fingerprint" in b
     keys = {k for k in a if k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and k not in LOCATION_KEYS
             and not k.startswith(INFORMATIONAL_PREFIXES)
-            and not (by_fingerprint and k.startswith("data.") and k != "data.fingerprint")}
+            and not (by_fingerprint and k in FINGERPRINTED_KEYS)}
     return {k: (a.get(k), b.get(k)) for k in sorted(keys) if a.get(k) != b.get(k)}
 
 

@@ -445,8 +445,8 @@ class Trainer:
                 was, now = saved.get("data", {}), self.run_config.get("data", {})
                 raise TrainingError(
                     f"--resume: {run.path} was trained on other data ({_describe_data(was)}) than it is given now "
-                    f"({_describe_data(now)}); resume with the run's own data (leave out --data), or start a new "
-                    f"--out directory")
+                    f"({_describe_data(now)}); resume with the run's own data (pretrain: leave out --data; "
+                    f"finetune: the same files, which may have moved), or start a new --out directory")
             if diff:
                 shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in list(diff.items())[:8]))
                 may = ", ".join(sorted(RESUMABLE_CHANGES - {"resume", "out_dir"}))
@@ -498,7 +498,8 @@ class Trainer:
 
 
 def _describe_data(data: dict[str, Any]) -> str:
-    parts = [str(data.get("directory", "?"))]
+    where = data.get("directory") or ", ".join(str(data[k]) for k in ("train", "val") if data.get(k))
+    parts = [str(where or "?")]
     if "train_tokens" in data:
         parts.append(f"{data['train_tokens']:,} train tokens")
     if "fingerprint" in data:
