@@ -515,6 +515,16 @@ def quality_phase(args, base: dict) -> None:
                 out = m.generate(prompt, max_new_tokens=new, eos_token_id=[])
                 outs[name].append(out[0, prompt_len:].tolist())
         agree = greedy_agreement(outs["fp32"], outs["int8"])
+        # Free-running continuations amplify each near-tie flip into a different text; the next-token
+        # argmax agreement on the evaluation text itself (teacher forcing) measures the flips alone.
+        T = models["fp32"].config.n_positions
+        rows = ids[: (min(ids.numel(), 64 * T) // T) * T].view(-1, T)
+        with torch.no_grad():
+            forced = torch.cat([(models["fp32"](r).logits.argmax(-1) == models["int8"](r).logits.argmax(-1)).flatten()
+                                for r in rows.split(16)]).float().mean().item()
+        emit("int8_teacher_forced_argmax_agreement", round(forced, 5), "fraction", None, None, **cond,
+             positions=rows.numel(), note="next-token argmax of int8 equal to fp32's at each position of the "
+                                          "evaluation text (no target; the free-running figure below has one)")
         emit("int8_greedy_token_agreement", round(agree["token_agreement"], 4), "fraction", None, None,
              met=agree["token_agreement"] >= 0.95, **cond, target=0.95, prompts=n_prompts, prompt_tokens=prompt_len,
              new_tokens=new, prefix_agreement=round(agree["prefix_agreement"], 4),
@@ -554,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trained", help="quality: a trained lmforge model directory (default: train one now)")
     p.add_argument("--quality-data", help="quality: a text file (its last 10%% is evaluated, or all of it when "
                    "its name says valid...), or a prepared dataset (its val split); default: Tiny Shakespeare")
-    p.add_argument("--quality-prompts", type=int, default=32, help="quality: prompts for greedy agreement")
+    p.add_argument("--quality-prompts", type=int, default=128, help="quality: prompts for greedy agreement")
     p.add_argument("--memory-child", choices=["lmforge", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

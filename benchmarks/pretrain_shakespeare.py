@@ -193,8 +193,10 @@ def _hf_model(config):
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf_dict()))
 
 
-def _steppers(config, dtype: str):
-    """One training-iteration closure per library over identical initial weights and settings."""
+def _steppers(config, dtype: str, compiled: bool = False):
+    """One training-iteration closure per library over identical initial weights and settings; with
+    `compiled`, both models run under torch.compile (lmforge's `pretrain --compile`, transformers'
+    `TrainingArguments(torch_compile=True)`)."""
     import lmforge
     from lmforge.training import make_optimizer, TrainConfig
 
@@ -208,12 +210,13 @@ def _steppers(config, dtype: str):
     cfg = TrainConfig(lr=1e-3, beta2=0.99, weight_decay=0.1)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else None
     opt_ours = make_optimizer(ours, cfg, torch.device("cpu"))
+    run_ours, run_hf = (torch.compile(ours), torch.compile(hf)) if compiled else (ours, hf)
     # transformers' Trainer defaults to the fused AdamW (optim="adamw_torch_fused"), as lmforge does.
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
 
     def ours_step(x, y):
         with amp or _null():
-            logits = ours(x).logits
+            logits = run_ours(x).logits
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
@@ -222,7 +225,7 @@ def _steppers(config, dtype: str):
 
     def hf_step(x, y):
         with amp or _null():
-            logits = hf(input_ids=x).logits
+            logits = run_hf(input_ids=x).logits
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
@@ -259,7 +262,8 @@ def phase_speed(args, workdir: Path) -> None:
         "llama_baby": (lmforge.preset("llama-baby", vocab_size=train.vocab_size, n_positions=64), "LlamaForCausalLM"),
     }
     for prefix, (config, peer) in models.items():
-        ours, ours_step, hf_step = _steppers(config, "fp32")
+        ours, ours_step, hf_step = _steppers(config, "fp32", compiled=args.compile)
+        name = prefix + ("_compiled" if args.compile else "")
         g = torch.Generator().manual_seed(0)
         batches = [train.random_batch(12, 64, g) for _ in range(args.speed_block)]
         ours_t, hf_t = [], []
@@ -269,10 +273,11 @@ def phase_speed(args, workdir: Path) -> None:
             hf_t += _timed(hf_step, batches)
         a, b = statistics.median(ours_t) * 1000, statistics.median(hf_t) * 1000
         shape = f"{config.n_layer}x{config.n_head}x{config.n_embd}"
-        emit(f"{prefix}_ms_per_iter", round(a, 2), "ms", peer=round(b, 2), ratio=round(b / a, 3),
+        emit(f"{name}_ms_per_iter", round(a, 2), "ms", peer=round(b, 2), ratio=round(b / a, 3),
              config=f"{prefix} {shape}, block 64, batch 12", dtype="fp32", iterations=len(ours_t),
-             note=f"forward+backward+clip+AdamW, interleaved blocks, median; peer = transformers {peer} (sdpa)")
-        emit(f"{prefix}_tokens_per_s", round(12 * 64 / a * 1000), "tokens/s", peer=round(12 * 64 / b * 1000),
+             compiled=args.compile, note=f"forward+backward+clip+AdamW, interleaved blocks, median; peer = "
+             f"transformers {peer} (sdpa)" + (", both under torch.compile (default options)" if args.compile else ""))
+        emit(f"{name}_tokens_per_s", round(12 * 64 / a * 1000), "tokens/s", peer=round(12 * 64 / b * 1000),
              ratio=round(b / a, 3), config=f"{prefix} {shape}, batch 12 x 64", dtype="fp32")
 
 
@@ -347,6 +352,8 @@ def main() -> None:
     p.add_argument("--seeds", default="1337", help="quality phase: comma-separated seeds, one run each (median too)")
     p.add_argument("--speed-block", type=int, default=20, help="iterations per interleaved block")
     p.add_argument("--speed-rounds", type=int, default=5)
+    p.add_argument("--compile", action="store_true",
+                   help="speed phase: both models under torch.compile (figures named *_compiled; compiling takes minutes)")
     p.add_argument("--gpt2-steps", type=int, default=3)
     p.add_argument("--gpt2-batch", type=int, default=4)
     p.add_argument("--gpt2-block", type=int, default=256)
