@@ -29,7 +29,7 @@ from lmforge.checkpoint import load_pretrained, save_pretrained as save_checkpoi
 from lmforge.checkpoint import load_weights as copy_weights_from
 from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
-from lmforge.kernels import Gemv, available as kernels_available, bind
+from lmforge.kernels import Gemv, available as kernels_available, bind, linear as kernel_linear
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
@@ -252,8 +252,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
         self.layer_idx = layer_idx
         width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, width, bias=config.has_bias("qkv"))  # [W^Q | W^K | W^V]
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.has_bias("proj"))  # W^O
+        self.c_attn = Linear(config.n_embd, width, bias=config.has_bias("qkv"))  # [W^Q | W^K | W^V]
+        self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=config.has_bias("proj"))  # W^O
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
             self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
@@ -359,10 +359,22 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> 
     return F.scaled_dot_product_attention(q, k, v, **options)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose inference on the CPU goes through lmforge.kernels.linear: the compiled kernel
+    for a few rows (batched decoding streams each weight once for all rows), and fp32 arithmetic for
+    many bf16 rows on CPUs whose bf16 GEMM has no hardware support (4-6x slower there: a bf16 prompt's
+    prefill). Training, autograd, torch.compile and other devices take F.linear, as nn.Linear does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return kernel_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 # A one-row step: (x, h, rope) -> x + sublayer(h) on vectors, built once per request.
 RowStep = Callable[..., torch.Tensor]
 # The layers the one-row step can run itself (a wrapped layer, e.g. a LoRA adapter, cannot).
-ROW_LINEARS = (nn.Linear, Int8Linear)
+ROW_LINEARS = (Linear, nn.Linear, Int8Linear)
 
 
 def _row_linear(layer: nn.Module) -> Gemv:
@@ -397,9 +409,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.mlp == "gated"
         inner, bias = config.inner_dim, config.has_bias("mlp")
-        self.c_fc = nn.Linear(config.n_embd, 2 * inner if self.gated else inner, bias=bias)
+        self.c_fc = Linear(config.n_embd, 2 * inner if self.gated else inner, bias=bias)
         self.act = _activation(config.activation)
-        self.c_proj = nn.Linear(inner, config.n_embd, bias=bias)
+        self.c_proj = Linear(inner, config.n_embd, bias=bias)
         self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -492,7 +504,7 @@ class GPT(nn.Module):
         body.update(h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)), ln_f=_norm(config, config.n_embd))
         self.transformer = nn.ModuleDict(body)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # rotary frequencies per device, made on first use
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
