@@ -35,6 +35,33 @@ def tiny_hf_dir(tmp_path):
     return directory
 
 
+def byte_level_lm(directory: Path, n_positions: int = 64) -> Path:
+    """A tiny random GPT-2-shaped lmforge model with the 257-id byte tokenizer, saved to `directory`."""
+    from lmforge.config import GPTConfig
+    from lmforge.model import GPT
+    from lmforge.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=257, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
+        directory, tokenizer=Tokenizer.byte_level())
+    return directory
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """The lmforge CLI in this process (no interpreter start-up): main(*args) -> (exit code, stdout, stderr)."""
+    from lmforge.cli import main as cli_main
+
+    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
+
+    def call(*args):
+        capsys.readouterr()
+        code = cli_main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data, or skip the test when it is absent."""

@@ -12,26 +12,14 @@ import random
 import shutil
 
 import pytest
+from conftest import byte_level_lm
 import torch
 
-from lmforge.cli import main as cli_main
 from lmforge.errors import ConfigError, DataError
 
 TRAIN_FLAGS = ["--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1", "--eval-interval", "2", "--log-interval", "1",
                "--no-progress", "--device", "cpu", "--no-plot", "--seed", "5"]
 
-
-@pytest.fixture
-def main(monkeypatch, capsys):
-    """The CLI in this process: returns (exit code, stdout, stderr)."""
-    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
-
-    def call(*args):
-        capsys.readouterr()
-        code = cli_main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
 
 
 def write_jsonl(path, rows):
@@ -216,15 +204,7 @@ def clf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    from lmforge.config import GPTConfig
-    from lmforge.model import GPT
-    from lmforge.tokenizer import Tokenizer
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("lm") / "model"
-    GPT(GPTConfig(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
-        d, tokenizer=Tokenizer.byte_level())
-    return d
+    return byte_level_lm(tmp_path_factory.mktemp("lm") / "model", n_positions=64)
 
 
 def test_run_reads_csv_and_writes_csv_like_jsonl(tmp_path, clf_dir, main):

@@ -68,20 +68,6 @@ def cli(*args, **popen):
                           timeout=300, **popen)
 
 
-@pytest.fixture
-def main(monkeypatch, capsys):
-    """The CLI in this process (no interpreter start-up): returns (exit code, stdout, stderr)."""
-    from lmforge.cli import main as cli_main
-
-    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
-
-    def call(*args):
-        capsys.readouterr()
-        code = cli_main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
-
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in RunDir(run_dir).read_metrics() if "loss" in r}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import byte_level_lm
 import torch
 
 from lmforge.cli import main
@@ -21,15 +22,7 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    from lmforge.config import GPTConfig
-    from lmforge.model import GPT
-    from lmforge.tokenizer import Tokenizer
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("lm") / "model"
-    GPT(GPTConfig(vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=4)).save_pretrained(
-        d, tokenizer=Tokenizer.byte_level())
-    return d
+    return byte_level_lm(tmp_path_factory.mktemp("lm") / "model", n_positions=128)
 
 
 @pytest.fixture(scope="module")
