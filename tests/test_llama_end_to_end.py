@@ -23,7 +23,7 @@ from lmforge.training.checkpointing import RunDir
 
 from test_generation import hf_generate, padded_batch
 from test_llama_checkpoint import BASE, hf_config, hf_model, randomise_norms_and_biases
-from test_serve_engine import CASES, PROMPTS, TOK, collectors, reference, tokens
+from test_serve_engine import CASES, PROMPTS, TOK, collectors, llama_engine_model, reference, tokens
 
 pytest.importorskip("transformers")
 
@@ -92,25 +92,11 @@ ENGINE_MODELS = {
 }
 
 
-def engine_model(name: str) -> lmforge.GPT:
-    """A tiny byte-level Llama-family model with weights of unit gain, whose greedy text varies
-    (small initial weights repeat one token, which would hide wrong positions)."""
-    torch.manual_seed(0)
-    config = lmforge.preset("llama-baby", vocab_size=TOK.vocab_size, n_layer=2, n_embd=32, n_head=4, n_inner=64,
-                            n_positions=128, bos_token_id=10, eos_token_id=[TOK.eos_token_id],
-                            tie_word_embeddings=False, **ENGINE_MODELS[name])
-    model = lmforge.GPT(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 2.0 / p.size(1) ** 0.5) if p.dim() == 2 else p.normal_(1.0, 0.2)
-    return model
-
-
 @pytest.mark.parametrize("name", list(ENGINE_MODELS))
 def test_engine_gives_each_concurrent_request_the_tokens_of_generate(name):
     """Requests of different lengths join and leave a running batch of at most 4 rows (so rows are
     right-aligned over left padding, shifted and compacted): each gets what generate() gives alone."""
-    model = engine_model(name)
+    model = llama_engine_model(**ENGINE_MODELS[name])
     cases = ["greedy", "seeded sampling with top-k and top-p", "plain sampling", "repetition penalty, sampled"]
     jobs = [(case, prompt, 20 + 5 * (i % 3)) for i, (case, prompt) in enumerate(
         (case, prompt) for case in cases for prompt in PROMPTS)]

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import lmforge
 from lmforge import GPT, GPTConfig, Tokenizer
 from lmforge.serve import Engine, EngineConfig, Output, SamplingParams
 
@@ -180,3 +181,17 @@ def test_text_stream_holds_back_what_could_begin_a_stop_string():
     text = TextStream(TOK, ["é!"])
     assert [text.push(t) for t in TOK.encode("é")] == [("", False), ("", False)]  # incomplete, then held
     assert text.finish() == ("é", False)
+
+
+def llama_engine_model(**family) -> lmforge.GPT:
+    """A tiny byte-level Llama-family model with weights of unit gain, whose greedy text varies
+    (small initial weights repeat one token, which would hide wrong positions)."""
+    torch.manual_seed(0)
+    config = lmforge.preset("llama-baby", vocab_size=TOK.vocab_size, n_layer=2, n_embd=32, n_head=4, n_inner=64,
+                            n_positions=128, bos_token_id=10, eos_token_id=[TOK.eos_token_id],
+                            tie_word_embeddings=False, **family)
+    model = lmforge.GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 2.0 / p.size(1) ** 0.5) if p.dim() == 2 else p.normal_(1.0, 0.2)
+    return model

@@ -305,8 +305,9 @@ def test_a_request_with_more_choices_than_free_rows_counts_as_queued(model_dir):
 def test_concurrent_requests_fill_free_rows_and_a_429_says_when_to_retry(model_dir):
     with running_server(model_dir, engine_kw={"max_batch_size": 16, "max_queue": 2}) as s:
         gate = threading.Event()
-        admit = s.engine._admit
+        admit, start = s.engine._admit, s.engine._start_prefill
         s.engine._admit = lambda: (gate.wait(), admit())[1]  # the scheduler holds every request back
+        s.engine._start_prefill = lambda: (gate.wait(), start())[1]  # (the token-budget scheduler's admission)
         statuses: list[int] = []
         body = {"model": NAME, "prompt": "burst", "max_tokens": 3}
         threads = [threading.Thread(target=lambda: statuses.append(

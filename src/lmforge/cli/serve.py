@@ -43,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit (default: the context)")
     p.add_argument("--max-queue", type=int, default=engine["max_queue"],
                    help=f"requests that may wait for a slot; more get 429 (default: {engine['max_queue']})")
+    p.add_argument("--max-batched-tokens", type=int, default=engine["max_batched_tokens"], metavar="N",
+                   help="tokens computed per engine step: every running sequence's next token first, then chunks "
+                        "of waiting prompts (several batched, a long one split over steps); must exceed "
+                        "--max-batch-size, or 0 to prefill each prompt whole and alone "
+                        f"(default: {engine['max_batched_tokens']})")
+    p.add_argument("--request-timeout", type=float, default=engine["request_timeout"], metavar="SECONDS",
+                   help="end a request that has waited and run longer with an error (HTTP 504, or an error "
+                        "event in a stream) and free its row (default: no limit)")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
                    help="Jinja chat template (file or text; default: the tokenizer's own, else User:/Assistant:)")
     p.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
@@ -65,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.serve import ChatTemplate, Engine, EngineConfig, ServerConfig, run_server
 
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                                 max_queue=args.max_queue)
+                                 max_queue=args.max_queue, max_batched_tokens=args.max_batched_tokens,
+                                 request_timeout=args.request_timeout)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY")  # "" is refused
     server_config = ServerConfig(
         host=args.host, port=args.port, api_key=api_key,

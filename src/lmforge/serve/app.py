@@ -57,6 +57,10 @@ class _Failed(Exception):
     """The engine reported an error for this request."""
 
 
+class _TimedOut(_Failed):
+    """The request ran past the engine's request_timeout (HTTP 504, code "timeout")."""
+
+
 class _ErrorResponse(JSONResponse):
     """An error body that always renders: text echoed from a request (a model name, a key) may hold
     lone surrogates, which are written as JSON escapes rather than failing the response."""
@@ -128,6 +132,7 @@ _ERROR_STATUS: dict[type[Exception], tuple[int, str, str | None]] = {
     QueueFullError: (429, "rate_limit_error", "rate_limit_exceeded"),
     EngineStoppedError: (503, "server_error", "service_unavailable"),
     ConfigError: (400, "invalid_request_error", None),
+    _TimedOut: (504, "server_error", "timeout"),
     _Failed: (500, "server_error", None),
 }
 
@@ -428,7 +433,7 @@ class _Job:
                     continue
                 if out.error is not None:
                     self.finished = self.total
-                    raise _Failed(out.error)
+                    raise (_TimedOut if out.code == "timeout" else _Failed)(out.error)
                 if out.token_id is not None:
                     self.completion_tokens += 1
                 if out.finish_reason is not None:
@@ -464,7 +469,7 @@ def _sse(job: _Job, chunks: AsyncIterator[dict], head: dict, include_usage: bool
             if include_usage:
                 yield event({**head, "choices": [], "usage": job.usage()})
         except _Failed as e:
-            yield event(error_body(str(e), "server_error"))
+            yield event(error_body(str(e), "server_error", code="timeout" if isinstance(e, _TimedOut) else None))
         yield event("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -477,6 +482,13 @@ def _prometheus(metrics: dict[str, Any]) -> str:
         if key == "batch_size_steps":
             lines.append("# TYPE lmforge_batch_size_steps counter")
             lines += [f'lmforge_batch_size_steps{{size="{size}"}} {count}' for size, count in sorted(value.items())]
+        elif key == "histograms":
+            for name, h in value.items():
+                metric = f"lmforge_{name}"
+                lines.append(f"# TYPE {metric} histogram")
+                lines += [f'{metric}_bucket{{le="{"+Inf" if bound == float("inf") else f"{bound:g}"}"}} {count}'
+                          for bound, count in h["buckets"]]
+                lines += [f"{metric}_sum {h['sum']:.6g}", f"{metric}_count {h['count']}"]
         elif isinstance(value, (int, float)):
             counter = not key.startswith(("num_", "max_"))
             metric = f"lmforge_{key}_total" if counter else f"lmforge_{key}"

@@ -11,8 +11,13 @@ shared length (model.KVCache's contract: every row writes its next key/value at 
 - Row r's tokens are right-aligned so they end at the shared `length`; the positions before its first
   token are left padding, masked out through the attention mask, and its position ids count only its
   own tokens. Its logits are therefore those of the sequence decoded alone (up to float rounding).
-- A new sequence is prefilled alone (batch 1), then its keys/values are copied into the next free row,
-  right-aligned. A prompt longer than the shared length shifts the running rows right first.
+- Each engine step has a token budget (max_batched_tokens, as vLLM's scheduler): every running row
+  decodes one token first, then the rest of the budget goes to waiting prompts in arrival order. A
+  prompt is prefilled in chunks into its own one-row cache (a long one over several steps, holding its
+  rows meanwhile), the chunks of several prompts packed into one forward pass; once complete, it picks
+  its first token and its keys/values are copied into the next free row, right-aligned. A prompt
+  longer than the shared length shifts the running rows right first. max_batched_tokens=0 is the
+  previous scheduler: each new prompt prefilled whole and alone before the decode step.
 - Rows 0..n-1 are always the running ones: a finished row is replaced by the last row, so a step costs
   n rows, not max_batch_size. When the shared length reaches the capacity, the common left padding is
   cut (compaction); the capacity grows by doubling up to max_model_len.
@@ -41,6 +46,7 @@ from lmforge.generation import GenerationConfig, resolve_config
 from lmforge.generation.sampling import Sampler, choose_rows, token_logprobs
 from lmforge.generation.stream import TextStream
 from lmforge.model import GPT, KVCache
+from lmforge.serve.histogram import LATENCY_BUCKETS, TOKEN_BUCKETS, Histogram
 
 log = logging.getLogger("lmforge.serve")
 
@@ -65,11 +71,18 @@ class EngineStoppedError(LmforgeError):
 @checked
 @dataclass
 class EngineConfig:
-    """Scheduler limits. max_model_len (prompt + completion) defaults to the model's context."""
+    """Scheduler limits. max_model_len (prompt + completion) defaults to the model's context.
+
+    max_batched_tokens: tokens one engine step computes, the running rows' decodes first, then chunks of
+    waiting prompts (several prompts' chunks in one forward pass, a long prompt split over steps). 0: the
+    previous scheduler (each prompt prefilled whole and alone while running rows wait). request_timeout:
+    seconds a request may wait and run before it ends with an error (None: no limit)."""
 
     max_batch_size: int = 8
     max_model_len: int | None = None
     max_queue: int = 64  # requests waiting beyond the free rows; one more is refused (429)
+    max_batched_tokens: int = 256
+    request_timeout: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
@@ -78,6 +91,18 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        budget = self.max_batched_tokens
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ConfigError(f"max_batched_tokens must be an integer >= 0 (0: whole prompts prefilled alone), "
+                              f"got {budget!r}")
+        if 0 < budget <= self.max_batch_size:
+            # Decodes always run; the budget must leave room for prompt tokens beside a full batch.
+            raise ConfigError(f"max_batched_tokens {budget} must exceed max_batch_size {self.max_batch_size} "
+                              "(a full batch of decodes must leave room for prompt tokens), or be 0")
+        timeout = self.request_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {timeout!r}")
 
 
 @checked
@@ -155,6 +180,7 @@ class Output:
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort"
     error: str | None = None
+    code: str | None = None  # with an error: "timeout" when the request ran past request_timeout
 
 
 class EngineRequest:
@@ -203,6 +229,7 @@ class _Sequence:
         self.ids = None if self.sampler.process is None else torch.tensor(prompt + [0] * self.params.max_tokens)
         self.text = TextStream(tokenizer, config.stop_strings or ())
         self.logprobs: tuple[float | None, list[tuple[int, float]] | None] = (None, None)  # of the newest token
+        self.last_token_time = 0.0  # when the newest token was delivered (inter-token latency)
 
     def history(self) -> torch.Tensor:
         """Prompt and output so far, (1, length)."""
@@ -222,6 +249,24 @@ class _Sequence:
             rest, stopped = self.text.finish()
             return piece + rest, "stop" if stopped else "length"
         return piece, None
+
+
+@dataclass
+class _Prefill:
+    """A prompt being prefilled chunk by chunk (it holds its sequences' rows): its keys/values so far in a
+    one-row cache sized to the prompt. The n sequences of one prompt share it."""
+
+    seqs: list[_Sequence]
+    prompt: list[int]
+    cache: KVCache
+
+    @property
+    def done(self) -> int:
+        return self.cache.length
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.cache.length
 
 
 class Engine:
@@ -248,6 +293,7 @@ class Engine:
         self.rows: list[_Sequence] = []
 
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Prefill] = []  # FIFO; only the last one started can be part-way through
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._admitting = 0  # sequences taken from the queue and not yet in a row (or finished)
@@ -257,8 +303,15 @@ class Engine:
         self.counters: dict[str, int] = dict.fromkeys(
             ["requests_submitted", "requests_rejected", "requests_finished", "requests_failed", "requests_cancelled",
              "prompt_tokens", "generation_tokens", "decode_steps", "decode_rows", "joined_running_batch",
-             "max_batch_seen", "compactions", "scheduler_errors"], 0)
+             "max_batch_seen", "compactions", "scheduler_errors", "prefill_tokens", "prefill_forwards",
+             "engine_steps", "requests_timed_out"], 0)
         self.batch_size_steps = [0] * (self.max_batch_size + 1)  # decode steps run at each batch size
+        self.histograms = {
+            "step_tokens": Histogram(TOKEN_BUCKETS),  # tokens computed per engine step (decode + prefill)
+            "step_prefill_tokens": Histogram(TOKEN_BUCKETS),  # prompt tokens per step that prefilled any
+            "time_to_first_token_seconds": Histogram(LATENCY_BUCKETS),  # arrival -> first token, per choice
+            "inter_token_latency_seconds": Histogram(LATENCY_BUCKETS),  # between a choice's tokens
+        }
 
     # ---- public API (any thread) ---------------------------------------------------------
 
@@ -273,7 +326,7 @@ class Engine:
         with self._cond:
             self._accepting = False
         deadline = time.monotonic() + drain_timeout
-        while self.num_running + self.num_waiting and time.monotonic() < deadline:
+        while self.num_running + self.num_prefilling + self.num_waiting and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._cond:
             self._stopping = True
@@ -371,6 +424,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_prefilling(self) -> int:
+        """Sequences whose prompt is being prefilled (they hold rows, not yet decoding)."""
+        return sum(len(job.seqs) for job in self._prefilling)
+
     def _num_waiting_requests(self) -> int:
         return len({id(s.request) for s in self._waiting})
 
@@ -394,23 +452,29 @@ class Engine:
             waiting_requests = self._num_waiting_requests()
         steps = {size: count for size, count in enumerate(list(self.batch_size_steps)) if count}
         return dict(self.counters, num_running=self.num_running, num_waiting=self.num_waiting,
-                    num_waiting_requests=waiting_requests, max_batch_size=self.max_batch_size,
-                    max_model_len=self.max_model_len, batch_size_steps=steps)
+                    num_waiting_requests=waiting_requests, num_prefilling=self.num_prefilling,
+                    max_batch_size=self.max_batch_size, max_model_len=self.max_model_len,
+                    max_batched_tokens=self.config.max_batched_tokens, batch_size_steps=steps,
+                    histograms={name: h.snapshot() for name, h in self.histograms.items()})
 
     # ---- the scheduler thread --------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self.rows:
+                while not self._stopping and not self._waiting and not self.rows and not self._prefilling:
                     self._cond.wait()
                 if self._stopping:
                     break
             try:
+                self._expire()
                 self._drop_cancelled()
-                self._admit()
-                if self.rows:
-                    self._step()
+                if self.config.max_batched_tokens:
+                    self._budget_step(self.config.max_batched_tokens)
+                else:
+                    self._admit()
+                    if self.rows:
+                        self._step()
             except Exception as e:  # never let the thread die: fail what was running, keep serving
                 log.exception("scheduler error")
                 self.counters["scheduler_errors"] += 1
@@ -422,7 +486,7 @@ class Engine:
 
     def _abort_all(self, message: str) -> None:
         with self._cond:
-            pending = list(self._waiting)
+            pending = [seq for job in self._prefilling for seq in job.seqs] + list(self._waiting)
             self._waiting.clear()
         seen: set[int] = set()
         for seq in self.rows + pending:
@@ -430,6 +494,7 @@ class Engine:
                 seen.add(id(seq.request))
                 self._fail(seq.request, message)
         self.rows.clear()
+        self._drop_prefills(lambda job: True)
 
     def _emit(self, request: EngineRequest, output: Output) -> None:
         try:
@@ -438,13 +503,28 @@ class Engine:
             log.exception("request %s: event callback failed", request.id)
             request.cancel()
 
-    def _fail(self, request: EngineRequest, message: str) -> None:
+    def _fail(self, request: EngineRequest, message: str, code: str | None = None) -> None:
         if request.failed:
             return
         request.failed = True
         request.cancel()
         self.counters["requests_failed"] += 1
-        self._emit(request, Output(index=-1, error=message))
+        self._emit(request, Output(index=-1, error=message, code=code))
+
+    def _expire(self) -> None:
+        """Fail the requests (waiting, prefilling or running) older than request_timeout; their rows are
+        freed by _drop_cancelled right after."""
+        timeout = self.config.request_timeout
+        if timeout is None:
+            return
+        now = time.monotonic()
+        with self._cond:
+            seqs = self.rows + [seq for job in self._prefilling for seq in job.seqs] + list(self._waiting)
+        for request in {id(s.request): s.request for s in seqs}.values():
+            if not request.failed and now - request.arrival > timeout:
+                self.counters["requests_timed_out"] += 1
+                self._fail(request, f"request timed out after {timeout:g} s (the server's --request-timeout)",
+                           code="timeout")
 
     def _drop_cancelled(self) -> None:
         for r in range(len(self.rows) - 1, -1, -1):
@@ -453,9 +533,18 @@ class Engine:
                 if not seq.request.failed:
                     self._emit(seq.request, Output(index=seq.index, finish_reason="abort"))
                 self._remove_row(r)
+        self._drop_prefills(lambda job: job.seqs[0].request.cancelled)
         with self._cond:
             if any(s.request.cancelled for s in self._waiting):
                 self._waiting = deque(s for s in self._waiting if not s.request.cancelled)
+
+    def _drop_prefills(self, which: Callable[[_Prefill], bool]) -> None:
+        """Forget the prompts being prefilled that `which` picks; their rows become free."""
+        dropped = [job for job in self._prefilling if which(job)]
+        if dropped:
+            with self._cond:
+                self._prefilling = [job for job in self._prefilling if not which(job)]
+                self._admitting -= sum(len(job.seqs) for job in dropped)
 
     def _admit(self) -> None:
         """Move waiting sequences into free rows: prefill alone, pick the first token, copy into a row."""
@@ -492,7 +581,146 @@ class Engine:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         cache = self.model.new_kv_cache(1, len(prompt))
         hidden = self.model.forward_hidden(ids, kv_cache=cache)
+        self.counters["prefill_forwards"] += 1
+        self.counters["prefill_tokens"] += len(prompt)
         return cache, self.model.lm_head(hidden[0, -1]).float()
+
+    # ---- the token-budget scheduler (max_batched_tokens > 0) -------------------------------
+
+    def _budget_step(self, budget: int) -> None:
+        """One engine step: decode every running row (n tokens of the budget), then spend the rest on
+        prompt chunks, first come first served; prompts that complete choose their first token and join
+        the running rows for the next step."""
+        decoded = len(self.rows)
+        if decoded:
+            self._step()
+        plan = self._plan_chunks(budget - decoded)
+        prefilled = sum(take for _, take in plan)
+        if plan:
+            self._run_chunks(plan)
+            self.histograms["step_prefill_tokens"].observe(prefilled)
+        self.counters["engine_steps"] += 1
+        self.histograms["step_tokens"].observe(decoded + prefilled)
+
+    def _plan_chunks(self, budget: int) -> list[tuple[_Prefill, int]]:
+        """(prompt, tokens to prefill now) in FIFO order: the prompts already started, then waiting ones
+        while their rows are free, until the budget is spent (the last one may get part of its prompt)."""
+        plan = []
+        for job in self._prefilling:
+            if budget <= 0:
+                return plan
+            take = min(budget, job.remaining)
+            plan.append((job, take))
+            budget -= take
+        while budget > 0 and (job := self._start_prefill()) is not None:
+            take = min(budget, job.remaining)
+            plan.append((job, take))
+            budget -= take
+        return plan
+
+    def _start_prefill(self) -> _Prefill | None:
+        """Take the next waiting prompt (its n sequences together) if rows are free for them."""
+        with self._cond:
+            if not self._waiting:
+                return None
+            head = self._waiting[0]
+            k = 0
+            for seq in self._waiting:
+                if seq.request is not head.request or seq.prompt is not head.prompt:
+                    break
+                k += 1
+            if len(self.rows) + self._admitting + k > self.max_batch_size:
+                return None
+            seqs = [self._waiting.popleft() for _ in range(k)]
+            self._admitting += k
+            job = _Prefill(seqs, head.prompt, self.model.new_kv_cache(1, len(head.prompt)))
+            self._prefilling.append(job)
+        return job
+
+    def _run_chunks(self, plan: list[tuple[_Prefill, int]]) -> None:
+        """Prefill the planned chunks; an error fails only the requests whose chunks were in the pass."""
+        try:
+            last_hidden = self._forward_chunks(plan)
+        except Exception as e:
+            log.exception("prefill failed")
+            self.counters["scheduler_errors"] += 1
+            for job, _ in plan:
+                self._fail(job.seqs[0].request, f"internal error during prefill: {type(e).__name__}: {e}")
+            self._drop_prefills(lambda job: job.seqs[0].request.cancelled)
+            return
+        self.counters["prefill_forwards"] += 1
+        self.counters["prefill_tokens"] += sum(take for _, take in plan)
+        complete = [(i, job) for i, (job, _) in enumerate(plan) if job.remaining == 0]
+        if not complete:
+            return
+        with torch.inference_mode():
+            logits = self.model.lm_head(last_hidden[[i for i, _ in complete]]).float()
+        self._drop_prefills(lambda job: job.remaining == 0)
+        with self._cond:  # the rows stay held until each sequence is in self.rows or finished
+            self._admitting += sum(len(job.seqs) for _, job in complete)
+        for (_, job), row_logits in zip(complete, logits):
+            for seq in job.seqs:
+                try:
+                    if seq.request.cancelled:
+                        continue
+                    token = self._choose(row_logits[None], [seq])[0]
+                    if not self._deliver(seq, token):
+                        if self.rows:
+                            self.counters["joined_running_batch"] += 1
+                        self._insert(seq, job.cache, token)
+                except Exception as e:
+                    log.exception("request %s failed", seq.request.id)
+                    self._fail(seq.request, f"{type(e).__name__}: {e}")
+                    self._drop_cancelled()
+                finally:
+                    with self._cond:
+                        self._admitting -= 1
+
+    @torch.inference_mode()
+    def _forward_chunks(self, plan: list[tuple[_Prefill, int]]) -> torch.Tensor:
+        """One forward pass over the planned chunks; each prompt's cache grows by its chunk. Returns the
+        final hidden state of each chunk's last token, (len(plan), C).
+
+        One prompt runs in its own cache. Several are packed into one row (no padding): the cached parts
+        first, then the chunks, with a mask that lets a token see only its own prompt's earlier tokens
+        (and within the sliding window), and position ids counting each prompt's own tokens."""
+        if len(plan) == 1:
+            job, take = plan[0]
+            ids = torch.tensor([job.prompt[job.done: job.done + take]], dtype=torch.long, device=self.device)
+            return self.model.forward_hidden(ids, kv_cache=job.cache)[:, -1]
+        past = sum(job.done for job, _ in plan)
+        T = sum(take for _, take in plan)
+        cache = self.model.new_kv_cache(1, past + T)
+        owner, position, ids = [], [], []  # of each key position: its prompt, its position in that prompt
+        for i, (job, _) in enumerate(plan):
+            if job.done:
+                cache.length = len(owner) + job.done
+                cache.copy_row(0, job.cache)
+                owner += [i] * job.done
+                position += range(job.done)
+        cache.length = past
+        for i, (job, take) in enumerate(plan):
+            owner += [i] * take
+            position += range(job.done, job.done + take)
+            ids += job.prompt[job.done: job.done + take]
+        owner_t = torch.tensor(owner, device=self.device)
+        pos_t = torch.tensor(position, device=self.device)
+        q_owner, q_pos = owner_t[past:, None], pos_t[past:, None]
+        mask = (owner_t[None, :] == q_owner) & (pos_t[None, :] <= q_pos)  # (T, S)
+        window = self.model.config.sliding_window
+        if window is not None:
+            mask &= pos_t[None, :] > q_pos - window
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        hidden = self.model.forward_blocks(input_ids, pos_t[None, past:], mask[None, None], False, cache)
+        ends, start = [], past
+        for job, take in plan:  # each chunk's keys/values into its prompt's own cache
+            for name in ("k", "v"):
+                chunk = getattr(cache, name)[:, 0, :, start: start + take]
+                getattr(job.cache, name)[:, 0, :, job.done: job.done + take] = chunk
+            job.cache.length += take
+            start += take
+            ends.append(start - past - 1)
+        return hidden[0, ends]
 
     def _insert(self, seq: _Sequence, prefilled: KVCache, token: int) -> None:
         """Copy a prefilled sequence into row n, right-aligned at the shared length."""
@@ -599,6 +827,12 @@ class Engine:
         text, reason = seq.add(token)
         logprob, top = seq.logprobs
         self.counters["generation_tokens"] += 1
+        now = time.monotonic()
+        if len(seq.output) == 1:
+            self.histograms["time_to_first_token_seconds"].observe(now - seq.request.arrival)
+        else:
+            self.histograms["inter_token_latency_seconds"].observe(now - seq.last_token_time)
+        seq.last_token_time = now
         self._emit(seq.request, Output(seq.index, text, token, logprob, top, reason))
         if reason is not None:
             seq.request.unfinished -= 1
