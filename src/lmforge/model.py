@@ -363,10 +363,12 @@ class Linear(nn.Linear):
     """nn.Linear whose inference on the CPU goes through lmforge.kernels.linear: the compiled kernel
     for a few rows (batched decoding streams each weight once for all rows), and fp32 arithmetic for
     many bf16 rows on CPUs whose bf16 GEMM has no hardware support (4-6x slower there: a bf16 prompt's
-    prefill). Training, autograd, torch.compile and other devices take F.linear, as nn.Linear does."""
+    prefill). Training, autograd, autocast, torch.compile, mixed dtypes and other devices take F.linear,
+    as nn.Linear does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (x.is_cpu and x.dtype is self.weight.dtype and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return kernel_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
