@@ -56,7 +56,9 @@ def test_chunked_and_packed_prefill_gives_the_tokens_of_generate(name, budget):
     jobs = [(case, prompt, 12 + 4 * (i % 3)) for i, (case, prompt) in enumerate(
         (case, prompt) for case in cases for prompt in PROMPTS)]
     results, done, collector = collectors(len(jobs))
-    engine = Engine(model, TOK, EngineConfig(max_batch_size=4, max_batched_tokens=budget))
+    # No prefix reuse: the repeated prompts are all prefilled, chunked and packed (test_serve_prefix_cache
+    # checks reuse with the same schedules).
+    engine = Engine(model, TOK, EngineConfig(max_batch_size=4, max_batched_tokens=budget, prefix_cache_tokens=0))
     passes = spy_on_prefill(engine)
     engine.start()
     try:

@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=engine["request_timeout"], metavar="SECONDS",
                    help="end a request that has waited and run longer with an error (HTTP 504, or an error "
                         "event in a stream) and free its row (default: no limit)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=engine["prefix_cache_tokens"], metavar="N",
+                   help="prompt positions whose keys/values are kept so that prompts starting with the same "
+                        "tokens (a system prompt, few-shot examples, the chat so far) reuse them instead of "
+                        "recomputing them; least recently used out first; 0 disables reuse "
+                        f"(default: {engine['prefix_cache_tokens']})")
     p.add_argument("--chat-template", default=None, metavar="FILE_OR_JINJA",
                    help="Jinja chat template (file or text; default: the tokenizer's own, else User:/Assistant:)")
     p.add_argument("--chat-stop", action="append", default=None, metavar="TEXT",
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                                  max_queue=args.max_queue, max_batched_tokens=args.max_batched_tokens,
-                                 request_timeout=args.request_timeout)
+                                 request_timeout=args.request_timeout, prefix_cache_tokens=args.prefix_cache_tokens)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY")  # "" is refused
     server_config = ServerConfig(
         host=args.host, port=args.port, api_key=api_key,

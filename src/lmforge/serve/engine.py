@@ -18,6 +18,10 @@ shared length (model.KVCache's contract: every row writes its next key/value at 
   its first token and its keys/values are copied into the next free row, right-aligned. A prompt
   longer than the shared length shifts the running rows right first. max_batched_tokens=0 is the
   previous scheduler: each new prompt prefilled whole and alone before the decode step.
+- Prefix reuse (prefix_cache_tokens > 0, both schedulers): a completed prompt's one-row cache is kept in
+  a PrefixCache (bounded by tokens, LRU); a new prompt starts from a copy of the longest cached prefix
+  it shares (never its last token, whose logits choose the first new token) and prefills only the rest.
+  Prompt keys/values only: a previous answer's tokens are recomputed when a chat sends them back.
 - Rows 0..n-1 are always the running ones: a finished row is replaced by the last row, so a step costs
   n rows, not max_batch_size. When the shared length reaches the capacity, the common left padding is
   cut (compaction); the capacity grows by doubling up to max_model_len.
@@ -47,6 +51,7 @@ from lmforge.generation.sampling import Sampler, choose_rows, token_logprobs
 from lmforge.generation.stream import TextStream
 from lmforge.model import GPT, KVCache
 from lmforge.serve.histogram import LATENCY_BUCKETS, TOKEN_BUCKETS, Histogram
+from lmforge.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("lmforge.serve")
 
@@ -76,13 +81,16 @@ class EngineConfig:
     max_batched_tokens: tokens one engine step computes, the running rows' decodes first, then chunks of
     waiting prompts (several prompts' chunks in one forward pass, a long prompt split over steps). 0: the
     previous scheduler (each prompt prefilled whole and alone while running rows wait). request_timeout:
-    seconds a request may wait and run before it ends with an error (None: no limit)."""
+    seconds a request may wait and run before it ends with an error (None: no limit).
+    prefix_cache_tokens: prompt positions whose keys/values are kept for reuse by prompts that start
+    with the same tokens (least recently used out first; 0: no reuse)."""
 
     max_batch_size: int = 8
     max_model_len: int | None = None
     max_queue: int = 64  # requests waiting beyond the free rows; one more is refused (429)
     max_batched_tokens: int = 256
     request_timeout: float | None = None
+    prefix_cache_tokens: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
@@ -99,6 +107,9 @@ class EngineConfig:
             # Decodes always run; the budget must leave room for prompt tokens beside a full batch.
             raise ConfigError(f"max_batched_tokens {budget} must exceed max_batch_size {self.max_batch_size} "
                               "(a full batch of decodes must leave room for prompt tokens), or be 0")
+        size = self.prefix_cache_tokens
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"prefix_cache_tokens must be an integer >= 0 (0: no prefix reuse), got {size!r}")
         timeout = self.request_timeout
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0):
@@ -304,7 +315,9 @@ class Engine:
             ["requests_submitted", "requests_rejected", "requests_finished", "requests_failed", "requests_cancelled",
              "prompt_tokens", "generation_tokens", "decode_steps", "decode_rows", "joined_running_batch",
              "max_batch_seen", "compactions", "scheduler_errors", "prefill_tokens", "prefill_forwards",
-             "engine_steps", "requests_timed_out"], 0)
+             "engine_steps", "requests_timed_out", "prefix_cache_queries", "prefix_cache_hits",
+             "prefix_cache_hit_tokens"], 0)
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
         self.batch_size_steps = [0] * (self.max_batch_size + 1)  # decode steps run at each batch size
         self.histograms = {
             "step_tokens": Histogram(TOKEN_BUCKETS),  # tokens computed per engine step (decode + prefill)
@@ -455,6 +468,8 @@ class Engine:
                     num_waiting_requests=waiting_requests, num_prefilling=self.num_prefilling,
                     max_batch_size=self.max_batch_size, max_model_len=self.max_model_len,
                     max_batched_tokens=self.config.max_batched_tokens, batch_size_steps=steps,
+                    num_prefix_cache_tokens=self.prefix_cache.tokens if self.prefix_cache else 0,
+                    max_prefix_cache_tokens=self.config.prefix_cache_tokens,
                     histograms={name: h.snapshot() for name, h in self.histograms.items()})
 
     # ---- the scheduler thread --------------------------------------------------------------
@@ -578,12 +593,26 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         cache = self.model.new_kv_cache(1, len(prompt))
+        self._reuse_prefix(prompt, cache)
+        ids = torch.tensor([prompt[cache.length:]], dtype=torch.long, device=self.device)
         hidden = self.model.forward_hidden(ids, kv_cache=cache)
         self.counters["prefill_forwards"] += 1
-        self.counters["prefill_tokens"] += len(prompt)
+        self.counters["prefill_tokens"] += ids.size(1)
+        if self.prefix_cache is not None:
+            self.prefix_cache.add(prompt, cache)
         return cache, self.model.lm_head(hidden[0, -1]).float()
+
+    @torch.inference_mode()
+    def _reuse_prefix(self, prompt: list[int], cache: KVCache) -> None:
+        """Start a prompt's empty one-row cache from the longest prefix the prefix cache holds."""
+        if self.prefix_cache is None:
+            return
+        reused = self.prefix_cache.fill(prompt, cache)
+        self.counters["prefix_cache_queries"] += 1
+        if reused:
+            self.counters["prefix_cache_hits"] += 1
+            self.counters["prefix_cache_hit_tokens"] += reused
 
     # ---- the token-budget scheduler (max_batched_tokens > 0) -------------------------------
 
@@ -635,6 +664,7 @@ class Engine:
             self._admitting += k
             job = _Prefill(seqs, head.prompt, self.model.new_kv_cache(1, len(head.prompt)))
             self._prefilling.append(job)
+        self._reuse_prefix(job.prompt, job.cache)  # the engine thread alone touches a job's cache
         return job
 
     def _run_chunks(self, plan: list[tuple[_Prefill, int]]) -> None:
@@ -656,6 +686,9 @@ class Engine:
         with torch.inference_mode():
             logits = self.model.lm_head(last_hidden[[i for i, _ in complete]]).float()
         self._drop_prefills(lambda job: job.remaining == 0)
+        if self.prefix_cache is not None:
+            for _, job in complete:
+                self.prefix_cache.add(job.prompt, job.cache)
         with self._cond:  # the rows stay held until each sequence is in self.rows or finished
             self._admitting += sum(len(job.seqs) for _, job in complete)
         for (_, job), row_logits in zip(complete, logits):
@@ -690,7 +723,10 @@ class Engine:
             return self.model.forward_hidden(ids, kv_cache=job.cache)[:, -1]
         past = sum(job.done for job, _ in plan)
         T = sum(take for _, take in plan)
-        cache = self.model.new_kv_cache(1, past + T)
+        # The packed row may be longer than the model's context (reused prefixes make every started
+        # prompt's cached part long); each prompt's own positions stay within it. grow() sizes it freely.
+        cache = self.model.new_kv_cache(1, 1)
+        cache.grow(past + T)
         owner, position, ids = [], [], []  # of each key position: its prompt, its position in that prompt
         for i, (job, _) in enumerate(plan):
             if job.done:
