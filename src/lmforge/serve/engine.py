@@ -576,20 +576,29 @@ class Engine:
                     continue
                 if prefilled is None or prefilled[0] is not request or prefilled[1] is not seq.prompt:
                     prefilled = (request, seq.prompt, *self._prefill(seq.prompt))
-                _, _, cache, logits = prefilled
-                token = self._choose(logits[None], [seq])[0]
-                finished = self._deliver(seq, token)
-                if not finished:
-                    if self.rows:
-                        self.counters["joined_running_batch"] += 1
-                    self._insert(seq, cache, token)
-            except Exception as e:
-                log.exception("request %s failed", request.id)
-                self._fail(request, f"{type(e).__name__}: {e}")
-                self._drop_cancelled()
+                self._join(seq, *prefilled[2:])
+            except Exception as e:  # the prefill failed
+                self._fail_one(seq, e)
             finally:
                 with self._cond:
                     self._admitting = 0
+
+    def _join(self, seq: _Sequence, cache: KVCache, logits: torch.Tensor) -> None:
+        """A prefilled sequence: choose its first token from the prompt's last logits, send it, and take a
+        running row unless that token already finished it. A failure fails only its request."""
+        try:
+            token = self._choose(logits[None], [seq])[0]
+            if not self._deliver(seq, token):
+                if self.rows:
+                    self.counters["joined_running_batch"] += 1
+                self._insert(seq, cache, token)
+        except Exception as e:
+            self._fail_one(seq, e)
+
+    def _fail_one(self, seq: _Sequence, error: Exception) -> None:
+        log.exception("request %s failed", seq.request.id)
+        self._fail(seq.request, f"{type(error).__name__}: {error}")
+        self._drop_cancelled()
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
@@ -694,17 +703,8 @@ class Engine:
         for (_, job), row_logits in zip(complete, logits):
             for seq in job.seqs:
                 try:
-                    if seq.request.cancelled:
-                        continue
-                    token = self._choose(row_logits[None], [seq])[0]
-                    if not self._deliver(seq, token):
-                        if self.rows:
-                            self.counters["joined_running_batch"] += 1
-                        self._insert(seq, job.cache, token)
-                except Exception as e:
-                    log.exception("request %s failed", seq.request.id)
-                    self._fail(seq.request, f"{type(e).__name__}: {e}")
-                    self._drop_cancelled()
+                    if not seq.request.cancelled:
+                        self._join(seq, job.cache, row_logits)
                 finally:
                     with self._cond:
                         self._admitting -= 1
