@@ -521,24 +521,39 @@ def test_chat_template_can_be_overridden(model_dir, tmp_path):
 # ---- the real command: lmforge serve, SIGTERM ------------------------------------------------
 
 
-def test_lmforge_serve_stops_gracefully_on_sigterm(model_dir):
+def _start_serve(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A real `lmforge serve` subprocess on a free port; returns it and its URL once /health answers."""
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", "0",
-                             "--device", "cpu", "--log-level", "warning", "--shutdown-timeout", "20"],
-                            stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--log-level", "warning", *flags], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    assert match, line
+    url = f"http://127.0.0.1:{match.group(1)}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _serving(model_dir, *flags: str):
+    proc, url = _start_serve(model_dir, *flags)
     try:
-        line = proc.stderr.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        url = f"http://127.0.0.1:{match.group(1)}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
-            time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_lmforge_serve_stops_gracefully_on_sigterm(model_dir):
+    with _serving(model_dir, "--shutdown-timeout", "20") as (proc, url):
         body = {"model": NAME, "prompt": "in flight", "max_tokens": 100, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -550,11 +565,48 @@ def test_lmforge_serve_stops_gracefully_on_sigterm(model_dir):
         assert proc.wait(timeout=30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+
+
+def test_sigterm_during_a_burst_gives_every_stream_a_clean_end(tmp_path):
+    """12 long streams on 4 rows, SIGTERM once all have their response: each stream ends with its
+    finish_reason or with an error event of code "shutdown", always followed by [DONE]; new requests
+    are refused; the process exits 0 well within --shutdown-timeout plus the grace period."""
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=tok.vocab_size, n_positions=2048,
+                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT(config).save_pretrained(tmp_path / NAME, tokenizer=tok)
+    with _serving(tmp_path / NAME, "--shutdown-timeout", "0.5", "--max-batch-size", "4") as (proc, url):
+        body = {"model": NAME, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        streams: list[list[str]] = [[] for _ in range(12)]
+        started = threading.Barrier(len(streams) + 1, timeout=60)
+
+        def client(i: int) -> None:
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "prompt": f"request {i}"},
+                              timeout=60) as r:
+                streams[i].append(str(r.status_code))
+                started.wait()
+                streams[i] += [line for line in r.iter_lines() if line]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        started.wait()
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        with contextlib.suppress(httpx.TransportError):  # refused outright, or 503 while draining
+            assert httpx.post(url + "/v1/completions", json={**body, "prompt": "late"}, timeout=10).status_code == 503
+        for t in threads:
+            t.join(timeout=60)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - stopped < 0.5 + 5.0 + 3.0
+    ends = []
+    for lines in streams:
+        assert lines[0] == "200" and lines[-1] == "data: [DONE]", lines[-3:]
+        last = json.loads(lines[-2][6:])
+        ends.append(last["error"]["code"] if "error" in last else last["choices"][0]["finish_reason"])
+    assert set(ends) <= {"shutdown", "length"} and "shutdown" in ends, ends
 
 
 def test_cli_rejects_bad_flags_with_one_line(model_dir):

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=server["max_body_bytes"],
                    help=f"largest request body accepted (default: {server['max_body_bytes']})")
     p.add_argument("--shutdown-timeout", type=float, default=server["shutdown_timeout"],
-                   help=f"on SIGTERM, seconds running requests get to finish (default: {server['shutdown_timeout']})")
+                   help=f"on SIGTERM, seconds running requests get to finish before they end with an "
+                        f"error (default: {server['shutdown_timeout']})")
     p.add_argument("--log-level", default=server["log_level"], choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")

@@ -43,6 +43,7 @@ from lmforge.serve.protocol import (
 log = logging.getLogger("lmforge.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _PUBLIC_PATHS = ("/health", "/")  # the page and its files hold no data; its API calls carry the key
+SHUTDOWN_GRACE_S = 5.0  # after --shutdown-timeout: for the last error events to be written
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: rows free up as fast as sequences finish
 
 
@@ -56,9 +57,22 @@ class _APIError(Exception):
 class _Failed(Exception):
     """The engine reported an error for this request."""
 
+    code: str | None = None
+
 
 class _TimedOut(_Failed):
     """The request ran past the engine's request_timeout (HTTP 504, code "timeout")."""
+
+    code = "timeout"
+
+
+class _ShutDown(_Failed):
+    """The server stopped (SIGTERM) before the request finished within --shutdown-timeout (HTTP 503)."""
+
+    code = "shutdown"
+
+
+_FAILURES = {cls.code: cls for cls in (_TimedOut, _ShutDown)}
 
 
 class _ErrorResponse(JSONResponse):
@@ -133,6 +147,7 @@ _ERROR_STATUS: dict[type[Exception], tuple[int, str, str | None]] = {
     EngineStoppedError: (503, "server_error", "service_unavailable"),
     ConfigError: (400, "invalid_request_error", None),
     _TimedOut: (504, "server_error", "timeout"),
+    _ShutDown: (503, "server_error", "shutdown"),
     _Failed: (500, "server_error", None),
 }
 
@@ -433,7 +448,7 @@ class _Job:
                     continue
                 if out.error is not None:
                     self.finished = self.total
-                    raise (_TimedOut if out.code == "timeout" else _Failed)(out.error)
+                    raise _FAILURES.get(out.code, _Failed)(out.error)
                 if out.token_id is not None:
                     self.completion_tokens += 1
                 if out.finish_reason is not None:
@@ -469,7 +484,7 @@ def _sse(job: _Job, chunks: AsyncIterator[dict], head: dict, include_usage: bool
             if include_usage:
                 yield event({**head, "choices": [], "usage": job.usage()})
         except _Failed as e:
-            yield event(error_body(str(e), "server_error", code="timeout" if isinstance(e, _TimedOut) else None))
+            yield event(error_body(str(e), "server_error", code=e.code))
         yield event("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -538,8 +553,17 @@ def run_server(engine: Engine, config: ServerConfig, chat_template: ChatTemplate
     warning = exposure_warning(host, config.api_key)
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
-                                           timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on"))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.drain(config.shutdown_timeout)  # new requests get 503 from now on
+            super().handle_exit(sig, frame)
+
+    # The engine ends what still runs at shutdown_timeout with an error event; uvicorn waits a little
+    # longer, so those events reach the clients before it closes the connections.
+    server = Server(uvicorn.Config(app, log_level=config.log_level, access_log=False,
+                                   timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_GRACE_S,
+                                   lifespan="on"))
     received: list[int] = []
     main = threading.current_thread() is threading.main_thread()
     # uvicorn re-raises the signal it stopped on after shutting down; a handler of our own turns that

@@ -19,7 +19,7 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the model directory's name or the Hub name
     max_body_bytes: int = 1_000_000
-    shutdown_timeout: float = 10.0  # on SIGTERM, seconds running requests get to finish before cancelling
+    shutdown_timeout: float = 10.0  # on SIGTERM, seconds running requests get to finish before they end with an error
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -310,6 +310,7 @@ class Engine:
         self._admitting = 0  # sequences taken from the queue and not yet in a row (or finished)
         self._accepting = True
         self._stopping = False
+        self._drain_deadline: float | None = None  # set by drain(): when what still runs is ended
         self._thread: threading.Thread | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ["requests_submitted", "requests_rejected", "requests_finished", "requests_failed", "requests_cancelled",
@@ -346,6 +347,15 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def drain(self, timeout: float) -> None:
+        """Begin a shutdown without blocking (the server calls it on SIGTERM): take no new requests, let
+        the admitted ones run for up to `timeout` seconds, then end each one still running with an error
+        (code "shutdown") so that every client gets a clean answer before the connections close."""
+        with self._cond:
+            self._accepting = False
+            self._drain_deadline = time.monotonic() + max(0.0, timeout)
+            self._cond.notify_all()
 
     def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
         """Raise RequestError when prompt + max_tokens does not fit the context or ids are out of range."""
@@ -482,6 +492,9 @@ class Engine:
                 if self._stopping:
                     break
             try:
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                    self._abort_all("the server is shutting down: the request did not finish within its "
+                                    "--shutdown-timeout", code="shutdown")
                 self._expire()
                 self._drop_cancelled()
                 if self.config.max_batched_tokens:
@@ -499,7 +512,7 @@ class Engine:
                 self.cache.reset()
         self._abort_all("the server is shutting down")
 
-    def _abort_all(self, message: str) -> None:
+    def _abort_all(self, message: str, code: str | None = None) -> None:
         with self._cond:
             pending = [seq for job in self._prefilling for seq in job.seqs] + list(self._waiting)
             self._waiting.clear()
@@ -507,8 +520,9 @@ class Engine:
         for seq in self.rows + pending:
             if id(seq.request) not in seen:
                 seen.add(id(seq.request))
-                self._fail(seq.request, message)
+                self._fail(seq.request, message, code)
         self.rows.clear()
+        self.cache.reset()
         self._drop_prefills(lambda job: True)
 
     def _emit(self, request: EngineRequest, output: Output) -> None:
