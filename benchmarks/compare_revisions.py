@@ -7,7 +7,7 @@ GPT-2-small-shaped greedy decode steps (fp32/bf16, batch 1 and 8, after optimize
 nanoGPT baby training iterations (forward, backward, AdamW). One JSON line per figure; value = this
 checkout's median time, peer = the revision's, ratio = peer / value (above 1: this checkout is faster).
 
-    python benchmarks/compare_revisions.py --before 398d08a [--quick]
+    python benchmarks/compare_revisions.py --before 398d08a [--quick] [--batches 1,8,64] [--dtypes fp32] [--no-train]
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def models(after, before, config: dict, dtype: torch.dtype = torch.float32):
 def decode(after, before, args, common: dict) -> None:
     config = dict(n_layer=4, n_embd=256, n_head=4) if args.quick else {}
     forwards = {"after": forward_class("lmforge"), "before": forward_class("lmforge_before")}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in args.dtypes:
         new, old = models(after, before, config, dtype)
         nets = {"after": new.eval().optimize_for_decoding(), "before": old.eval().optimize_for_decoding()}
-        for batch in (1, 8):
+        for batch in args.batches:
             ids = torch.randint(0, new.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(0))
             token = torch.full((batch,), 5)
             with torch.inference_mode():
@@ -123,6 +123,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--blocks", type=int, default=40, help="alternating blocks per figure (5 calls each)")
     p.add_argument("--quick", action="store_true", help="smoke run: a small model, 4 blocks")
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8],
+                   help="decode batch sizes (default: 1,8)")
+    p.add_argument("--dtypes", type=lambda s: [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in s.split(",")],
+                   default=[torch.float32, torch.bfloat16], help="decode dtypes, fp32,bf16 (default: both)")
+    p.add_argument("--no-train", action="store_true", help="decode steps only")
     args = p.parse_args()
     if args.quick:
         args.blocks = 4
@@ -133,7 +138,8 @@ def main() -> None:
         before = import_revision(args.before, Path(tmp))
         common = dict(before=args.before, threads=args.threads, torch=torch.__version__, blocks=args.blocks)
         decode(lmforge, before, args, common)
-        train(lmforge, before, args, common)
+        if not args.no_train:
+            train(lmforge, before, args, common)
 
 
 if __name__ == "__main__":

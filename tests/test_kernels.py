@@ -136,14 +136,18 @@ def test_shapes_1d_and_leading_dimensions(compiled):
     assert compiled.calls == 2
 
 
-@pytest.mark.parametrize("dtype, m, runs_compiled", [
-    (torch.float32, 9, False),     # beyond the fp32 cut-off: torch's GEMM
-    (torch.bfloat16, 13, True),    # bf16: compiled, in blocks of 8 rows (8 + 5)
-    (torch.bfloat16, 70, False),   # beyond 64 rows: torch (in fp32 where bf16 GEMM is slow)
+@pytest.mark.parametrize("dtype, m, k, runs_compiled", [
+    (torch.float32, 13, 70, True),     # fp32: compiled, in blocks of 8 rows (8 + 5), the weights read once
+    (torch.float32, 64, 70, True),
+    (torch.float32, 65, 70, False),    # beyond 64 rows: torch's GEMM
+    (torch.float32, 16, 1100, True),   # rows longer than 1024: compiled up to 16 rows of x
+    (torch.float32, 17, 1100, False),
+    (torch.bfloat16, 13, 70, True),    # bf16: compiled
+    (torch.bfloat16, 70, 70, False),   # beyond 64 rows: torch (in fp32 where bf16 GEMM is slow)
 ])
-def test_many_rows(compiled, dtype, m, runs_compiled):
-    x, w, b, r = inputs(dtype, m, 50, 70, True, True)
-    runs_compiled = runs_compiled and not kernels._native_bf16()
+def test_many_rows(compiled, dtype, m, k, runs_compiled):
+    x, w, b, r = inputs(dtype, m, 50, k, True, True)
+    runs_compiled = runs_compiled and not (dtype is torch.bfloat16 and kernels._native_bf16())
     assert_close(kernels.linear(x, w, b, r), x, w, b, r, roundings=1 if runs_compiled else 2)
     assert compiled.calls == (1 if runs_compiled else 0)
 

@@ -31,12 +31,15 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1}  # weight kinds of gemv.cpp; int8
 _INT8 = 2
 _X_BF16, _BIAS_BF16 = 1, 2  # flags of gemv.cpp
 _X_FLAGS = {torch.float32: 0, torch.bfloat16: _X_BF16}
-# Up to how many rows of x the compiled kernel runs (in blocks of 8 rows, each streaming the weights once),
-# measured against torch on a 2-core AVX2 EPYC (torch 2.13): fp32 GEMM wins beyond ~8-16 rows; torch's
-# bf16 GEMM without AVX512-BF16/AMX is 4-6x slower than its fp32 one, and int8 has no fast torch path, so
-# those two run compiled up to 64 rows (bf16: 8 where the CPU has them). Beyond, the torch path computes
-# in fp32 on such CPUs.
-_ROWS = {0: 8, 1: 64, _INT8: 64}
+# Up to how many rows of x the compiled kernel runs, measured against torch 2.13 (MKL) on a 2-core AVX2
+# EPYC: the kernel streams each tile of weights from memory once for all rows (blocks of 8 rows reuse it
+# from L2), which beats MKL's GEMM up to 64 rows while 8 rows of x fit in L1 (K <= 1024: GPT-2's
+# projections, and its 50257-row LM head at 1.5-2x); with longer rows (K = 3072) up to 16. torch's bf16
+# GEMM without AVX512-BF16/AMX is 4-6x slower than its fp32 one, and int8 has no fast torch path, so
+# those run compiled up to 64 rows whatever K (bf16: 8 where the CPU has them). Beyond, the torch path
+# computes in fp32 on such CPUs.
+_ROWS = {0: 64, 1: 64, _INT8: 64}
+_LONG_K, _LONG_K_ROWS = 1024, 16  # fp32 weights with rows longer than _LONG_K: up to 16 rows
 _FAST_ROWS = 32  # from here on, the CPU torch fallback for bf16 computes in fp32 where bf16 GEMM is slow
 
 
@@ -47,8 +50,12 @@ def _native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
-def _max_rows(kind: int) -> int:
-    return 8 if kind == _KINDS[torch.bfloat16] and _native_bf16() else _ROWS[kind]
+def _max_rows(kind: int, k: int) -> int:
+    if kind == _KINDS[torch.bfloat16] and _native_bf16():
+        return 8
+    if kind == _KINDS[torch.float32] and k > _LONG_K:
+        return _LONG_K_ROWS
+    return _ROWS[kind]
 
 
 def available() -> bool:
@@ -90,7 +97,7 @@ class Gemv:
             if not (bias.is_cpu and bias.is_contiguous() and bias.dtype in _KINDS and bias.shape == (self._n,)):
                 return
             flags = _BIAS_BF16 if bias.dtype is torch.bfloat16 else 0
-        self._ops, self._limit = _build.ops(), _max_rows(kind) * self._k
+        self._ops, self._limit = _build.ops(), _max_rows(kind, self._k) * self._k
         self._args = (kind, flags, weight.data_ptr(), 0 if scale is None else scale.data_ptr(),
                       0 if bias is None else bias.data_ptr())
 

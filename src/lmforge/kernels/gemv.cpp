@@ -210,37 +210,34 @@ struct Epilogue {
   }
 };
 
+// Rows [n0, n1) of y for the M (<= 8) rows of x.
 template <typename T, int M>
-void gemv(const float* x, int64_t K, const T* w, int64_t N, const Epilogue& ep) {
+void gemv_range(const float* x, int64_t K, const T* w, int64_t n0, int64_t n1, const Epilogue& ep) {
   constexpr int R = rows_per_step<M>(), U = unroll<M>();
-  // Chunks of at least ~64 KiB of weights: smaller ones cost more to hand out than to compute.
-  const int64_t grain = std::max<int64_t>(R, (int64_t(1) << 16) / std::max<int64_t>(1, K * int64_t(sizeof(T))));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    float out[R * M];
-    int64_t n = begin;
-    for (; n + R <= end; n += R) {
-      dot_rows<T, M, R, U>(x, K, w + n * K, out);
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) ep.store(m, n + r, out[r * M + m]);
-    }
-    for (; n < end; ++n) {
-      dot_rows<T, M, 1, U * R>(x, K, w + n * K, out);
-      for (int m = 0; m < M; ++m) ep.store(m, n, out[m]);
-    }
-  });
+  float out[R * M];
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    dot_rows<T, M, R, U>(x, K, w + n * K, out);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) ep.store(m, n + r, out[r * M + m]);
+  }
+  for (; n < n1; ++n) {
+    dot_rows<T, M, 1, U * R>(x, K, w + n * K, out);
+    for (int m = 0; m < M; ++m) ep.store(m, n, out[m]);
+  }
 }
 
 template <typename T>
-void gemv_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const Epilogue& ep) {
+void gemv_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t n0, int64_t n1, const Epilogue& ep) {
   switch (M) {
-    case 1: return gemv<T, 1>(x, K, w, N, ep);
-    case 2: return gemv<T, 2>(x, K, w, N, ep);
-    case 3: return gemv<T, 3>(x, K, w, N, ep);
-    case 4: return gemv<T, 4>(x, K, w, N, ep);
-    case 5: return gemv<T, 5>(x, K, w, N, ep);
-    case 6: return gemv<T, 6>(x, K, w, N, ep);
-    case 7: return gemv<T, 7>(x, K, w, N, ep);
-    default: return gemv<T, 8>(x, K, w, N, ep);
+    case 1: return gemv_range<T, 1>(x, K, w, n0, n1, ep);
+    case 2: return gemv_range<T, 2>(x, K, w, n0, n1, ep);
+    case 3: return gemv_range<T, 3>(x, K, w, n0, n1, ep);
+    case 4: return gemv_range<T, 4>(x, K, w, n0, n1, ep);
+    case 5: return gemv_range<T, 5>(x, K, w, n0, n1, ep);
+    case 6: return gemv_range<T, 6>(x, K, w, n0, n1, ep);
+    case 7: return gemv_range<T, 7>(x, K, w, n0, n1, ep);
+    default: return gemv_range<T, 8>(x, K, w, n0, n1, ep);
   }
 }
 
@@ -261,12 +258,29 @@ void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N
     xf = xbuf.data();
   }
   const int64_t out_size = ep.out_bf16 ? 2 : 4;
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {  // blocks of 8 rows, each streaming the weights once
+  std::vector<Epilogue> blocks;  // one per 8 rows of x (each block's y and residual)
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
     Epilogue block = ep;
     block.y = static_cast<char*>(ep.y) + m0 * N * out_size;
     if (ep.residual) block.residual = static_cast<const char*>(ep.residual) + m0 * N * out_size;
-    gemv_rows<T>(xf + m0 * K, std::min<int64_t>(8, M - m0), K, w, N, block);
+    blocks.push_back(block);
   }
+  // Threads split the weight rows; each takes them in tiles of ~128 KiB that all blocks of 8 rows of x
+  // use while the tile is in the core's L2 cache, so the weights come from memory once for all M rows.
+  const int64_t row_bytes = K * int64_t(sizeof(T));
+  // (With one block there is nothing to reuse: one call per thread's range. Tiles are a multiple of 8
+  // rows so that no tile ends in the kernel's slower one-row tail.)
+  const int64_t tile = blocks.size() == 1 ? N : ((std::max<int64_t>(8, (int64_t(1) << 17) / std::max<int64_t>(1, row_bytes)) + 7) / 8) * 8;
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += tile) {
+      const int64_t n1 = std::min(end, n0 + tile);
+      for (size_t b = 0; b < blocks.size(); ++b) {
+        const int64_t m0 = int64_t(b) * 8;
+        gemv_rows<T>(xf + m0 * K, std::min<int64_t>(8, M - m0), K, w, n0, n1, blocks[b]);
+      }
+    }
+  });
 }
 
 // gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N): addresses as ints, 0 for "none".
