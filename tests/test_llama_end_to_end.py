@@ -94,8 +94,8 @@ ENGINE_MODELS = {
 
 @pytest.mark.parametrize("name", list(ENGINE_MODELS))
 def test_engine_gives_each_concurrent_request_the_tokens_of_generate(name):
-    """Requests of different lengths join and leave a running batch of at most 4 rows (so rows are
-    right-aligned over left padding, shifted and compacted): each gets what generate() gives alone."""
+    """Requests of different lengths join and leave a running batch of at most 4 rows (rows of their
+    own lengths in one cache): each gets what generate() gives alone."""
     model = llama_engine_model(**ENGINE_MODELS[name])
     cases = ["greedy", "seeded sampling with top-k and top-p", "plain sampling", "repetition penalty, sampled"]
     jobs = [(case, prompt, 20 + 5 * (i % 3)) for i, (case, prompt) in enumerate(
@@ -111,7 +111,7 @@ def test_engine_gives_each_concurrent_request_the_tokens_of_generate(name):
         counters = dict(engine.counters)
     finally:
         engine.stop()
-    assert counters["max_batch_seen"] == 4 and counters["joined_running_batch"] >= 4 and counters["compactions"] >= 1
+    assert counters["max_batch_seen"] == 4 and counters["joined_running_batch"] >= 4
     for i, (case, prompt, n) in enumerate(jobs):
         expected = reference(model, prompt, n, eos_token_id=[], **CASES[case][1])
         assert tokens(results[i]) == expected, (case, prompt)

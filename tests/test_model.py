@@ -7,6 +7,7 @@ import torch
 
 from lmforge import GPT, GPTConfig, KVCache, attention_reference, lm_loss, preset
 from lmforge.errors import ConfigError
+from lmforge.model import PackedKVCache, RaggedRows
 
 
 def tiny(**kw) -> GPT:
@@ -310,6 +311,85 @@ def test_grouped_query_attention_caches_only_the_key_value_heads():
         step = model(x[:, 6:], kv_cache=cache).logits
     torch.testing.assert_close(step, full[:, 6:], rtol=1e-5, atol=1e-5)
 
+
+
+
+def test_kv_cache_grow_keeps_the_rows_asked_for():
+    model = tiny()
+    cache = KVCache.for_model(model, batch_size=3, max_length=4)
+    cache.k.normal_(), cache.v.normal_()
+    kept = cache.k[:, :2].clone()
+    cache.grow(10, rows=2)  # rows of their own lengths: every old position of rows 0 and 1
+    assert cache.max_length == 10
+    torch.testing.assert_close(cache.k[:, :2, :, :4], kept)
+    cache.length = 3
+    filled = cache.k[:, :, :, :3].clone()
+    cache.grow(12)  # the filled part of every row
+    torch.testing.assert_close(cache.k[:, :, :, :3], filled)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa-window"])
+def test_ragged_rows_decode_each_row_as_if_alone(kind):
+    """Three sequences of different lengths, left-aligned in one cache (garbage past each row's end,
+    as a grown cache holds where nothing was written, but finite): three decode steps give each row
+    the logits of the sequence run alone."""
+    model = tiny() if kind == "gpt2" else GPT(preset("llama-baby", vocab_size=61, n_kv_head=2,
+                                                     sliding_window=5)).eval()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 61, (1, n), generator=g) for n in (3, 9, 6)]
+    cache = KVCache.for_model(model, batch_size=3, max_length=16)
+    cache.k.normal_(generator=g), cache.v.normal_(generator=g)
+    with torch.no_grad():
+        for r, s in enumerate(seqs):
+            one = KVCache.for_model(model, 1, 16)
+            model.forward_hidden(s[:, :-3], kv_cache=one)
+            cache.copy_row(r, one)
+        lengths = torch.tensor([s.size(1) - 3 for s in seqs])
+        steps = []
+        for i in range(3):
+            tokens = torch.stack([s[0, -3 + i] for s in seqs])[:, None]
+            rows = RaggedRows(cache, lengths)
+            hidden = model.forward_blocks(tokens, lengths[:, None], rows.mask(model.config.sliding_window), False, rows)
+            steps.append(model.lm_head(hidden[:, -1]))
+            lengths = lengths + 1
+        for r, s in enumerate(seqs):
+            alone = model(s).logits[0, -3:]
+            torch.testing.assert_close(torch.stack([step[r] for step in steps]), alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="KV cache is full: 17 positions needed, 16 allocated"):
+        RaggedRows(cache, torch.tensor([3, 16, 2]))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa-window"])
+def test_a_packed_pass_equals_each_sequence_run_alone(kind):
+    """Three sequences' chunks in one row (one with a cached prefix, one past the sliding window):
+    every segment's hidden states and cached keys/values are those of the sequence run alone."""
+    model = tiny() if kind == "gpt2" else GPT(preset("llama-baby", vocab_size=61, n_kv_head=2,
+                                                     sliding_window=5)).eval()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 61, (1, n), generator=g) for n in (9, 4, 12)]
+    done = [0, 0, 7]  # the third already holds 7 positions
+    with torch.no_grad():
+        alone = [model.forward_hidden(s) for s in seqs]
+        caches = [KVCache.for_model(model, 1, 16) for _ in seqs]
+        model.forward_hidden(seqs[2][:, :7], kv_cache=caches[2])
+        lengths = [s.size(1) - d for s, d in zip(seqs, done)]
+        ids = torch.cat([s[:, d:] for s, d in zip(seqs, done)], dim=1)
+        positions = torch.cat([torch.arange(d, s.size(1)) for s, d in zip(seqs, done)])[None]
+        packed = PackedKVCache(caches, lengths, model.config.sliding_window)
+        hidden = model.forward_blocks(ids, positions, None, False, packed)
+        packed.advance()
+        reference = [KVCache.for_model(model, 1, 16) for _ in seqs]
+        for s, cache in zip(seqs, reference):
+            model.forward_hidden(s, kv_cache=cache)
+    start = 0
+    for s, d, t, cache, ref in zip(seqs, done, lengths, caches, reference):
+        torch.testing.assert_close(hidden[:, start: start + t], alone.pop(0)[:, d:], rtol=1e-5, atol=1e-5)
+        assert cache.length == s.size(1)
+        torch.testing.assert_close(cache.k[:, :, :, : s.size(1)], ref.k[:, :, :, : s.size(1)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v[:, :, :, : s.size(1)], ref.v[:, :, :, : s.size(1)], rtol=1e-5, atol=1e-5)
+        start += t
+    with pytest.raises(ValueError, match="KV cache is full: 20 positions needed, 16 allocated"):
+        PackedKVCache([caches[0]], [11])
 
 def test_llama_config_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="multiple of n_kv_head"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import GPT, GPTConfig, Tokenizer
+from lmforge import GPT, GPTConfig, KVCache, Tokenizer
 from lmforge.serve import Engine, EngineConfig, Output, SamplingParams
 
 TOK = Tokenizer.byte_level()
@@ -114,6 +114,45 @@ def test_each_request_gives_the_tokens_of_generate_even_batched_together(model, 
     sampled = reference(model, PROMPTS[0], 25, eos_token_id=[], **CASES["plain sampling"][1])
     assert sampled != reference(model, PROMPTS[0], 25, eos_token_id=[])  # the sampling cases really sample
 
+
+
+def test_rows_of_very_different_lengths_through_cache_growth_give_the_tokens_of_generate(monkeypatch):
+    """Short and long sequences (1 to ~300 positions) join and leave while the cache grows from 128 to
+    512 positions. What grow() leaves undefined is filled with NaN here (fresh pages happen to be zero):
+    a row's masked tail must be zeroed before attention reads it."""
+    grow = KVCache.grow
+
+    def grow_into_nan(cache: KVCache, max_length: int, rows: int | None = None) -> None:
+        old = cache.max_length
+        grow(cache, max_length, rows)
+        for buffer in (cache.k, cache.v):
+            buffer[:, :, :, old:] = float("nan")
+            if rows is not None:
+                buffer[:, rows:] = float("nan")
+
+    monkeypatch.setattr(KVCache, "grow", grow_into_nan)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=TOK.vocab_size, n_positions=512,
+                       eos_token_id=[TOK.eos_token_id])
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    jobs = [(PROMPTS[1], 40), (TOK.encode("x" * 200), 100), (PROMPTS[0], 150), (PROMPTS[2], 20), (TOK.encode("y" * 90), 60)]
+    results, done, collector = collectors(len(jobs))
+    engine = Engine(model, TOK, EngineConfig(max_batch_size=3)).start()
+    try:
+        for i, (prompt, n) in enumerate(jobs):
+            engine.submit([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), 1, collector(i))
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+        counters = dict(engine.counters)
+    finally:
+        engine.stop()
+    assert counters["kv_cache_grows"] >= 2 and counters["max_batch_seen"] == 3
+    for i, (prompt, n) in enumerate(jobs):
+        assert tokens(results[i]) == reference(model, prompt, n, eos_token_id=[]), i
 
 def test_choice_j_of_a_seeded_request_is_generate_with_seed_plus_j(model, engine):
     choices = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True),

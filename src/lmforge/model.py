@@ -122,46 +122,116 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
-    # A continuous-batching server keeps each running sequence in a row, right-aligned at the shared
-    # length (left padding masked out); these let it run, grow, shift and refill rows.
+    # A continuous-batching server keeps each running sequence in a row of its own length (RaggedRows);
+    # these let it grow the cache and move rows in and out.
 
-    def rows(self, n: int) -> "KVCache":
-        """The first n rows as a cache sharing this one's storage and length (a batch of n runs)."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v, view.length = self.k[:, :n], self.v[:, :n], self.length
-        return view
+    def grow(self, max_length: int, rows: int | None = None) -> None:
+        """Reallocate for `max_length` positions, keeping the filled part (`length` positions) of every
+        row, or with `rows`, every old position of the first `rows` rows (rows of their own lengths, as
+        RaggedRows uses them). Everything else is undefined until written.
 
-    def grow(self, max_length: int) -> None:
-        """Reallocate for `max_length` positions, keeping the filled part."""
+        The new buffers are not initialised (torch.empty): zeroing gigabytes of a server's cache would
+        stall every running stream for seconds while the pages fault in. Whoever reads positions a mask
+        hides must have written them (attention reads them: NaN * 0 is NaN)."""
         if max_length < self.length:
             raise ValueError(f"cannot shrink a KV cache holding {self.length} positions to {max_length}")
+        keep = self.length if rows is None else self.max_length
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], max_length, old.size(4)))
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            new = old.new_empty((*old.shape[:3], max_length, old.size(4)))
+            new[:, :rows, :, :keep] = old[:, :rows, :, :keep]
             setattr(self, name, new)
 
-    def shift(self, d: int, rows: int | None = None) -> None:
-        """Move the filled positions of the first `rows` rows (default all) d places: right for d > 0
-        (new positions on the left), left for d < 0 (the first -d are dropped). length changes by d."""
-        n = self.length
-        if not -n <= d <= self.max_length - n:
-            raise ValueError(f"cannot shift {n} filled positions by {d} within {self.max_length}")
-        for buffer in (self.k[:, :rows], self.v[:, :rows]):
-            if d > 0:
-                buffer[:, :, :, d:d + n] = buffer[:, :, :, :n].clone()
-            elif d < 0:
-                buffer[:, :, :, : n + d] = buffer[:, :, :, -d:n].clone()
-        self.length = n + d
+    def copy_row(self, dst: int, source: "KVCache", src: int = 0, length: int | None = None) -> None:
+        """Copy the first `length` positions (default source.length) of row `src` of `source` into the
+        first positions of row `dst`."""
+        p = source.length if length is None else length
+        if p > self.max_length:
+            raise ValueError(f"a row of {p} positions does not fit a cache of {self.max_length}")
+        self.k[:, dst, :, :p] = source.k[:, src, :, :p]
+        self.v[:, dst, :, :p] = source.v[:, src, :, :p]
 
-    def copy_row(self, dst: int, source: "KVCache", src: int = 0) -> None:
-        """Copy the filled positions of row `src` of `source` into row `dst`, ending at this cache's length."""
-        p, end = source.length, self.length
-        if p > end:
-            raise ValueError(f"a row of {p} positions does not fit before position {end}")
-        self.k[:, dst, :, end - p:end] = source.k[:, src, :, :p]
-        self.v[:, dst, :, end - p:end] = source.v[:, src, :, :p]
 
+class RaggedRows:
+    """The first n rows of a KVCache, row r holding lengths[r] positions (left-aligned, no padding):
+    one decode step writes row r's new key/value at position lengths[r], and row r attends to its
+    positions 0..lengths[r] (mask()). A server's running sequences live so: they join and leave at any
+    step with no keys/values moved. Pass as forward_blocks' kv_cache with mask() as its mask and the
+    lengths as position ids; the caller advances its lengths after the step."""
+
+    def __init__(self, cache: KVCache, lengths: torch.Tensor) -> None:
+        self.k, self.v, self.lengths = cache.k, cache.v, lengths
+        self.index = torch.arange(lengths.numel(), device=lengths.device)
+        self.span = int(lengths.max()) + 1  # positions any row reads this step
+        if self.span > cache.max_length:
+            raise ValueError(f"KV cache is full: {self.span} positions needed, {cache.max_length} allocated")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each row's new (n, KV, 1, D) key/value at its own length; return (n, KV, span, D) views."""
+        n = self.index.numel()
+        self.k[layer, self.index, :, self.lengths] = k[:, :, 0]
+        self.v[layer, self.index, :, self.lengths] = v[:, :, 0]
+        return self.k[layer, :n, :, : self.span], self.v[layer, :n, :, : self.span]
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """(n, 1, 1, span), True where row r may attend: its own positions up to the new one (the last
+        `window` of them with a sliding window). Positions past a row's length are masked."""
+        key = torch.arange(self.span, device=self.lengths.device)[None, :]
+        last = self.lengths[:, None]
+        allowed = key <= last
+        if window is not None:
+            allowed &= key > last - window
+        return allowed[:, None, None, :]
+
+
+class PackedKVCache:
+    """Chunks of several sequences packed into one row of T tokens (no padding), each sequence with its
+    own one-row KVCache (a server prefilling several prompts in one forward pass).
+
+    Segment i (t_i tokens after the p_i its cache holds) attends per segment: its queries see the filled
+    part of its own cache and, causally, its own chunk (within the last `window` positions where the
+    model has a sliding window). So the attention of a packed pass costs sum_i t_i (p_i + t_i), not T^2
+    as one block-diagonal mask over the whole row would; the weight products still run on all T tokens
+    at once. Used as forward_blocks' kv_cache (with mask=None); advance() once all layers have run.
+    """
+
+    def __init__(self, caches: list[KVCache], lengths: list[int], window: int | None = None) -> None:
+        self.caches, self.lengths = caches, lengths
+        self.masks: list[torch.Tensor | None] = []  # per segment; None: plain causal (is_causal)
+        for cache, t in zip(caches, lengths):
+            p = cache.length
+            if p + t > cache.max_length:
+                raise ValueError(f"KV cache is full: {p + t} positions needed, {cache.max_length} allocated")
+            if p == 0 and (window is None or t <= window):
+                self.masks.append(None)
+                continue
+            query = torch.arange(p, p + t, device=cache.k.device)[:, None]
+            key = torch.arange(p + t, device=cache.k.device)[None, :]
+            mask = key <= query
+            if window is not None:
+                mask &= key > query - window
+            self.masks.append(mask)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor],
+    ) -> torch.Tensor:
+        """q: (1, H, T, D), k and v: (1, KV, T, D) of the packed row; writes each segment's keys/values
+        into its cache and returns attention(q_i, K_i, V_i, mask_i, causal_i) of all segments, (1, H, T, D)."""
+        out, start = [], 0
+        for cache, t, mask in zip(self.caches, self.lengths, self.masks):
+            p, end = cache.length, start + t
+            cache.k[layer, :, :, p: p + t] = k[:, :, start:end]
+            cache.v[layer, :, :, p: p + t] = v[:, :, start:end]
+            keys, values = cache.k[layer, :, :, : p + t], cache.v[layer, :, :, : p + t]
+            out.append(attention(q[:, :, start:end], keys, values, mask, mask is None))
+            start = end
+        return torch.cat(out, dim=2)
+
+    def advance(self) -> None:
+        """Mark every segment's chunk as filled in its cache."""
+        for cache, t in zip(self.caches, self.lengths):
+            cache.length += t
 
 # ---- norms and rotary positions --------------------------------------------------------------
 
@@ -278,19 +348,28 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             rope = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
         q, k, v = self._rotate(qkv, rope, dim=1)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
-        if self.impl == "sdpa":
-            dropout = self.attn_pdrop if self.training else 0.0
-            y = _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale)
+        if isinstance(kv_cache, PackedKVCache):
+            y = kv_cache.attend(self.layer_idx, q, k, v, self._attend)
         else:
-            if KV != H:
-                k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-            y = attention_reference(q, k, v, mask, is_causal, self.scale)
-            if self.training and self.attn_pdrop > 0:
-                raise NotImplementedError("attention dropout is only implemented in the sdpa path")
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
+            y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # Concat(head_1..head_h)
         return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    ) -> torch.Tensor:
+        """softmax(Q K^T * scale + mask) V, (B, H, T, D), by the fused kernel or the reference."""
+        if self.impl == "sdpa":
+            dropout = self.attn_pdrop if self.training else 0.0
+            return _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale)
+        H, KV = self.n_head, self.n_kv_head
+        if KV != H:
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        if self.training and self.attn_pdrop > 0:
+            raise NotImplementedError("attention dropout is only implemented in the sdpa path")
+        return attention_reference(q, k, v, mask, is_causal, self.scale)
 
     def _rotate(
         self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, dim: int,
@@ -619,8 +698,9 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Embeddings, blocks and final LayerNorm on prepared inputs: (B, T) ids and positions, a
         boolean mask broadcastable to (B, H, T, S) (or None, with is_causal), any object with
-        KVCache.update. No checks and no Python numbers that change between decode steps, so
-        torch.compile captures it once (generation's static-shape step calls it directly)."""
+        KVCache.update, or a PackedKVCache (mask None). No checks and no Python numbers that change
+        between decode steps, so torch.compile captures it once (generation's static-shape step calls
+        it directly)."""
         x = self.transformer.wte(input_ids)
         rope = None
         if self.config.positions == "learned":

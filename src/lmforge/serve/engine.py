@@ -5,26 +5,26 @@ seeded draws), stop ids and strings and incremental detokenizing come from lmfor
 request gives the tokens generate() gives with the same settings and seed.
 
 Sequences join the running batch at the next decode step and leave as soon as they finish; nobody
-waits for the slowest member of a batch. The layout is a set of static slots over one KV cache with a
-shared length (model.KVCache's contract: every row writes its next key/value at the same index):
+waits for the slowest member of a batch. The layout is a set of static slots over one KV cache:
 
-- Row r's tokens are right-aligned so they end at the shared `length`; the positions before its first
-  token are left padding, masked out through the attention mask, and its position ids count only its
-  own tokens. Its logits are therefore those of the sequence decoded alone (up to float rounding).
+- Row r holds its sequence's keys/values left-aligned, positions[r] of them (model.RaggedRows): a
+  decode step writes each row's new key/value at its own length and masks the positions past it, and
+  its position ids count its own tokens. Its logits are therefore those of the sequence decoded alone
+  (up to float rounding). Nothing moves when a sequence joins or leaves, however long it is.
 - Each engine step has a token budget (max_batched_tokens, as vLLM's scheduler): every running row
   decodes one token first, then the rest of the budget goes to waiting prompts in arrival order. A
   prompt is prefilled in chunks into its own one-row cache (a long one over several steps, holding its
   rows meanwhile), the chunks of several prompts packed into one forward pass; once complete, it picks
-  its first token and its keys/values are copied into the next free row, right-aligned. A prompt
-  longer than the shared length shifts the running rows right first. max_batched_tokens=0 is the
+  its first token and its keys/values are copied into the next free row. max_batched_tokens=0 is the
   previous scheduler: each new prompt prefilled whole and alone before the decode step.
 - Prefix reuse (prefix_cache_tokens > 0, both schedulers): a completed prompt's one-row cache is kept in
   a PrefixCache (bounded by tokens, LRU); a new prompt starts from a copy of the longest cached prefix
   it shares (never its last token, whose logits choose the first new token) and prefills only the rest.
   Prompt keys/values only: a previous answer's tokens are recomputed when a chat sends them back.
 - Rows 0..n-1 are always the running ones: a finished row is replaced by the last row, so a step costs
-  n rows, not max_batch_size. When the shared length reaches the capacity, the common left padding is
-  cut (compaction); the capacity grows by doubling up to max_model_len.
+  n rows, not max_batch_size, and reads the positions of the longest. The capacity grows by doubling
+  up to max_model_len, without zeroing the new memory (seconds for a large cache); each row's masked
+  tail is zeroed once, when a step first reads it (_finite).
 
 Each sequence samples with its own parameters and (when seeded) its own generator, so a seeded or
 greedy request gives the same tokens alone or batched. The thread never dies from one request: an
@@ -49,7 +49,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation import GenerationConfig, resolve_config
 from lmforge.generation.sampling import Sampler, choose_rows, token_logprobs
 from lmforge.generation.stream import TextStream
-from lmforge.model import GPT, KVCache
+from lmforge.model import GPT, KVCache, PackedKVCache, RaggedRows
 from lmforge.serve.histogram import LATENCY_BUCKETS, TOKEN_BUCKETS, Histogram
 from lmforge.serve.prefix_cache import PrefixCache
 
@@ -300,6 +300,7 @@ class Engine:
 
         self.cache = model.new_kv_cache(self.max_batch_size, min(self.max_model_len, 128))
         self.positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # tokens per row
+        self._written = [self.cache.max_length] * self.max_batch_size  # per row: positions 0.. hold numbers
         self.next_tokens = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self.rows: list[_Sequence] = []
 
@@ -315,7 +316,7 @@ class Engine:
         self.counters: dict[str, int] = dict.fromkeys(
             ["requests_submitted", "requests_rejected", "requests_finished", "requests_failed", "requests_cancelled",
              "prompt_tokens", "generation_tokens", "decode_steps", "decode_rows", "joined_running_batch",
-             "max_batch_seen", "compactions", "scheduler_errors", "prefill_tokens", "prefill_forwards",
+             "max_batch_seen", "kv_cache_grows", "scheduler_errors", "prefill_tokens", "prefill_forwards",
              "engine_steps", "requests_timed_out", "prefix_cache_queries", "prefix_cache_hits",
              "prefix_cache_hit_tokens"], 0)
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
@@ -509,7 +510,6 @@ class Engine:
                 for seq in list(self.rows):
                     self._fail(seq.request, f"internal error during decoding: {type(e).__name__}: {e}")
                 self.rows.clear()
-                self.cache.reset()
         self._abort_all("the server is shutting down")
 
     def _abort_all(self, message: str, code: str | None = None) -> None:
@@ -522,7 +522,6 @@ class Engine:
                 seen.add(id(seq.request))
                 self._fail(seq.request, message, code)
         self.rows.clear()
-        self.cache.reset()
         self._drop_prefills(lambda job: True)
 
     def _emit(self, request: EngineRequest, output: Output) -> None:
@@ -728,59 +727,32 @@ class Engine:
         """One forward pass over the planned chunks; each prompt's cache grows by its chunk. Returns the
         final hidden state of each chunk's last token, (len(plan), C).
 
-        One prompt runs in its own cache. Several are packed into one row (no padding): the cached parts
-        first, then the chunks, with a mask that lets a token see only its own prompt's earlier tokens
-        (and within the sliding window), and position ids counting each prompt's own tokens."""
+        One prompt runs in its own cache. Several are packed into one row (no padding) with position ids
+        counting each prompt's own tokens; the weight products run on the whole row, attention per prompt
+        on its own cache (model.PackedKVCache)."""
         if len(plan) == 1:
             job, take = plan[0]
             ids = torch.tensor([job.prompt[job.done: job.done + take]], dtype=torch.long, device=self.device)
             return self.model.forward_hidden(ids, kv_cache=job.cache)[:, -1]
-        past = sum(job.done for job, _ in plan)
-        T = sum(take for _, take in plan)
-        # The packed row may be longer than the model's context (reused prefixes make every started
-        # prompt's cached part long); each prompt's own positions stay within it. grow() sizes it freely.
-        cache = self.model.new_kv_cache(1, 1)
-        cache.grow(past + T)
-        owner, position, ids = [], [], []  # of each key position: its prompt, its position in that prompt
-        for i, (job, _) in enumerate(plan):
-            if job.done:
-                cache.length = len(owner) + job.done
-                cache.copy_row(0, job.cache)
-                owner += [i] * job.done
-                position += range(job.done)
-        cache.length = past
-        for i, (job, take) in enumerate(plan):
-            owner += [i] * take
-            position += range(job.done, job.done + take)
+        ids, position, ends = [], [], []
+        for job, take in plan:
             ids += job.prompt[job.done: job.done + take]
-        owner_t = torch.tensor(owner, device=self.device)
-        pos_t = torch.tensor(position, device=self.device)
-        q_owner, q_pos = owner_t[past:, None], pos_t[past:, None]
-        mask = (owner_t[None, :] == q_owner) & (pos_t[None, :] <= q_pos)  # (T, S)
-        window = self.model.config.sliding_window
-        if window is not None:
-            mask &= pos_t[None, :] > q_pos - window
+            position += range(job.done, job.done + take)
+            ends.append(len(ids) - 1)
+        packed = PackedKVCache([job.cache for job, _ in plan], [take for _, take in plan],
+                               self.model.config.sliding_window)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        hidden = self.model.forward_blocks(input_ids, pos_t[None, past:], mask[None, None], False, cache)
-        ends, start = [], past
-        for job, take in plan:  # each chunk's keys/values into its prompt's own cache
-            for name in ("k", "v"):
-                chunk = getattr(cache, name)[:, 0, :, start: start + take]
-                getattr(job.cache, name)[:, 0, :, job.done: job.done + take] = chunk
-            job.cache.length += take
-            start += take
-            ends.append(start - past - 1)
+        positions = torch.tensor([position], dtype=torch.long, device=self.device)
+        hidden = self.model.forward_blocks(input_ids, positions, None, False, packed)
+        packed.advance()
         return hidden[0, ends]
 
     def _insert(self, seq: _Sequence, prefilled: KVCache, token: int) -> None:
-        """Copy a prefilled sequence into row n, right-aligned at the shared length."""
+        """Copy a prefilled sequence into row n."""
         p, n = prefilled.length, len(self.rows)
-        if not self.rows:
-            self.cache.reset()
-        if p > self.cache.length:
-            self._ensure_capacity(p + 1)
-            self.cache.shift(p - self.cache.length, rows=n)
+        self._ensure_capacity(p + 1)
         self.cache.copy_row(n, prefilled)
+        self._written[n] = max(self._written[n], p)
         self.positions[n] = p
         self.next_tokens[n] = token
         self.rows.append(seq)
@@ -790,57 +762,44 @@ class Engine:
             return
         if needed > self.max_model_len:
             raise RuntimeError(f"KV cache needs {needed} positions, more than max_model_len {self.max_model_len}")
-        self.cache.grow(min(self.max_model_len, max(needed, 2 * self.cache.max_length)))
+        n = len(self.rows)
+        self.cache.grow(min(self.max_model_len, max(needed, 2 * self.cache.max_length)), rows=n)
+        self.counters["kv_cache_grows"] += 1
+        self._written[n:] = [0] * (self.max_batch_size - n)  # rows not kept: undefined
 
-    def _padding(self) -> int:
-        """Left padding common to every running row (positions no row attends to)."""
-        return int((self.cache.length - self.positions[: len(self.rows)]).min())
-
-    def _make_room(self) -> None:
-        """Before a step: one free position after the shared length (grow, else cut common padding)."""
-        if self.cache.length < self.cache.max_length:
-            return
-        if self.cache.max_length < self.max_model_len:
-            self._ensure_capacity(self.cache.length + 1)
-            return
-        padding = self._padding()
-        if padding < 1:  # cannot happen: every running row still fits max_model_len
-            raise RuntimeError("KV cache full with no padding to reclaim")
-        self.counters["compactions"] += 1
-        self.cache.shift(-padding, rows=len(self.rows))
+    def _finite(self, span: int) -> None:
+        """Zero what running rows will read but never wrote (memory from grow): attention masks the
+        positions past a row's length but reads them, up to the longest row's."""
+        for r in range(len(self.rows)):
+            if self._written[r] < span:
+                end = min(self.cache.max_length, span + 64)  # a little ahead: not one position per step
+                self.cache.k[:, r, :, self._written[r]:end] = 0
+                self.cache.v[:, r, :, self._written[r]:end] = 0
+                self._written[r] = end
 
     def _remove_row(self, r: int) -> None:
         last = len(self.rows) - 1
         if r != last:
-            self.cache.copy_row(r, self.cache, last)
+            p = int(self.positions[last])
+            self.cache.copy_row(r, self.cache, last, length=p)
+            self._written[r] = max(self._written[r], p)
             self.positions[r] = self.positions[last]
             self.next_tokens[r] = self.next_tokens[last]
             self.rows[r] = self.rows[last]
         self.rows.pop()
-        if not self.rows:
-            self.cache.reset()
-        else:
-            self._maybe_compact()
-
-    def _maybe_compact(self) -> None:
-        """After rows leave: cut the common left padding when it is a quarter of the attention span or more."""
-        padding = self._padding()
-        if padding > 0 and 4 * padding >= self.cache.length:
-            self.counters["compactions"] += 1
-            self.cache.shift(-padding, rows=len(self.rows))
 
     def _step(self) -> None:
         """One decode step for all running rows, then each row's next token, finish checks, removals."""
-        self._make_room()
-        n, L = len(self.rows), self.cache.length
-        positions = self.positions[:n]
-        # Row r attends to its own tokens, the last positions[r] of the cache, and to the new one.
-        mask = torch.arange(L + 1, device=self.device)[None, :] >= (L - positions)[:, None]
-        view = self.cache.rows(n)
+        n = len(self.rows)
+        lengths = self.positions[:n]
+        span = int(lengths.max()) + 1
+        self._ensure_capacity(span)
+        self._finite(span)
+        rows = RaggedRows(self.cache, lengths)
         with torch.inference_mode():
-            hidden = self.model.forward_hidden(self.next_tokens[:n, None], mask, positions[:, None], view)
+            hidden = self.model.forward_blocks(self.next_tokens[:n, None], lengths[:, None],
+                                               rows.mask(self.model.config.sliding_window), False, rows)
             logits = self.model.lm_head(hidden[:, -1]).float()
-        self.cache.length = view.length
         self.positions[:n] += 1
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += n
