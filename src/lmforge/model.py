@@ -233,6 +233,7 @@ class PackedKVCache:
         for cache, t in zip(self.caches, self.lengths):
             cache.length += t
 
+
 # ---- norms and rotary positions --------------------------------------------------------------
 
 
