@@ -3,7 +3,7 @@
 Whole benchmark runs on a shared host swing by 10% or more between minutes, which hides a few
 percent of regression. Here both versions step the same model alternately (the earlier revision is
 extracted with `git archive` and imported as `lmforge_before`), so both see the same host state:
-GPT-2-small-shaped greedy decode steps (fp32/bf16, batch 1 and 8, after optimize_for_decoding) and
+GPT-2-small-shaped greedy decode steps (fp32/bf16/int8, batch 1 and 8, after optimize_for_decoding) and
 nanoGPT baby training iterations (forward, backward, AdamW). One JSON line per figure; value = this
 checkout's median time, peer = the revision's, ratio = peer / value (above 1: this checkout is faster).
 
@@ -71,12 +71,25 @@ def emit(name: str, ms_after: float, ms_before: float, **conditions) -> None:
                       "ratio": round(ms_before / ms_after, 3), "conditions": conditions}), flush=True)
 
 
-def models(after, before, config: dict, dtype: torch.dtype = torch.float32):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+
+
+def dtype_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    return names
+
+
+def models(after, before, config: dict, dtype: str = "fp32"):
+    """Both revisions' GPT with the same weights; dtype "int8" is bf16 with int8 weight-only linears."""
     torch.manual_seed(0)
     new = after.GPT(after.GPTConfig(**config))
     old = before.GPT(before.GPTConfig(**config))
     old.load_state_dict(new.state_dict())
-    return new.to(dtype), old.to(dtype)
+    new, old = new.to(DTYPES[dtype]), old.to(DTYPES[dtype])
+    return (new.quantize("int8"), old.quantize("int8")) if dtype == "int8" else (new, old)
 
 
 def decode(after, before, args, common: dict) -> None:
@@ -94,7 +107,7 @@ def decode(after, before, args, common: dict) -> None:
                     state.prefill(ids, None)
                 step = {k: (lambda s=state: s.step(token)) for k, state in states.items()}
                 ms_after, ms_before = alternate(step, args.blocks, 5)
-            emit("decode_step_ms", ms_after, ms_before, dtype=str(dtype).removeprefix("torch."), batch=batch,
+            emit("decode_step_ms", ms_after, ms_before, dtype=dtype, batch=batch,
                  model=config or "gpt2 small shape", **common)
 
 
@@ -125,8 +138,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: a small model, 4 blocks")
     p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8],
                    help="decode batch sizes (default: 1,8)")
-    p.add_argument("--dtypes", type=lambda s: [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in s.split(",")],
-                   default=[torch.float32, torch.bfloat16], help="decode dtypes, fp32,bf16 (default: both)")
+    p.add_argument("--dtypes", type=dtype_list, default=["fp32", "bf16"],
+                   help="decode dtypes: fp32, bf16, int8 (bf16 activations) (default: fp32,bf16)")
     p.add_argument("--no-train", action="store_true", help="decode steps only")
     args = p.parse_args()
     if args.quick:

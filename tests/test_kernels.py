@@ -5,7 +5,9 @@ inputs, autograd) and the errors.
 Tolerances: fp32 outputs may differ from the exact sum by the fp32 accumulation error, bounded here by
 4e-5 * sum|x_k w_k| (K <= 800, unit roundoff 6e-8; any lost or doubled term is far larger). bf16 outputs
 are that fp32 sum rounded once to bf16, which has 8 significant bits: at most half an ulp, i.e.
-2**-8 * |y| relative, on top of the same accumulation bound.
+2**-8 * |y| relative, on top of the same accumulation bound. The compiled int8 kernel first rounds each
+row of x to int16 in blocks of 256 entries, each block scaled by its largest |x| / 32767: every entry moves
+by at most half a step, 1/65534 of its block's largest, which adds sum_k |w_k| * that to the bound.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.errors import ConfigError
 from lmforge.kernels import _build
 
 SHAPES = [(1, 1), (37, 29), (130, 67), (48, 256)]  # (N, K): tails in both, K below and above a vector
+INT8_SHAPES = [(40, 700), (9, 1100)]  # several blocks of 256 along K, the last one partial with a tail
 
 
 class Spy:
@@ -74,12 +78,23 @@ def oracle(x, w, b, r, scale=None):
     return y, mag
 
 
+def int16_rounding(x, w, scale, block=256):
+    """The int8 kernel's rounding of x to int16 carried through the product: sum_k |w_k| * step_k * s,
+    where step_k = (largest |x| of k's block) / 65534 is half the block's int16 step."""
+    k = x.shape[-1]
+    rows = F.pad(x.double().abs().reshape(-1, k), (0, -k % block))
+    step = rows.view(rows.shape[0], -1, block).amax(-1).repeat_interleave(block, dim=1)[:, :k] / 65534
+    return ((step @ w.double().abs().T) * scale.double()).view(*x.shape[:-1], w.shape[0])
+
+
 def assert_close(y, x, w, b, r, scale=None, roundings=1):
     """Within the bounds of the module docstring; roundings=2 for torch paths that round to bf16 twice
     (the product, then the sum with the residual)."""
     ref, mag = oracle(x, w, b, r, scale)
     assert y.dtype == x.dtype and y.shape == ref.shape
     bound = 4e-5 * mag
+    if scale is not None:
+        bound = bound + int16_rounding(x, w, scale)
     if y.dtype == torch.bfloat16:
         bound = bound + 2.0**-8 * (ref.abs() if roundings == 1 else ref.abs() + mag)
     err = (y.double() - ref).abs()
@@ -100,14 +115,38 @@ def test_compiled_linear_matches_the_exact_result(compiled, dtype, m):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_compiled_int8_linear_matches_the_dequantised_result(compiled, x_dtype, m):
-    for n, k in SHAPES:
+    for n, k in SHAPES + INT8_SHAPES:
         for bias, residual in ((False, False), (True, True), (True, False)):
             x, _, b, r = inputs(x_dtype, m, n, k, bias, residual, seed=n)
             g = torch.Generator().manual_seed(k)
             q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
             scale = torch.rand(n, generator=g) / 64
             assert_close(kernels.int8_linear(x, q, scale, b, r), x, q, b, r, scale)
-    assert compiled.calls == 3 * len(SHAPES)
+    assert compiled.calls == 3 * len(SHAPES + INT8_SHAPES)
+
+
+def test_int8_blocks_of_x_are_scaled_on_their_own(compiled):
+    # One block of x holds an entry 10^4 times the rest: only that block's entries lose precision, the
+    # others' products stay within the bound of their own (small) largest entries.
+    x = torch.randn(2, 700)
+    x[:, 300] = 1e4
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (40, 700), dtype=torch.int8, generator=g)
+    scale = torch.rand(40, generator=g) / 64
+    assert_close(kernels.int8_linear(x, q, scale), x, q, None, None, scale)
+    rest = x.clone()
+    rest[:, 256:512] = 0
+    only = x - rest  # the outlier's block alone: the kernel is linear in the blocks
+    y = kernels.int8_linear(x, q, scale) - kernels.int8_linear(only, q, scale)
+    assert_close(y, rest, q, None, None, scale)
+
+
+def test_int8_non_finite_inputs_give_nan(compiled):
+    q = torch.ones(4, 600, dtype=torch.int8)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 600)
+        x[0, 400] = bad
+        assert kernels.int8_linear(x, q, torch.ones(4)).isnan().all()
 
 
 def test_bf16_output_rounds_to_nearest_even_like_torch(compiled):

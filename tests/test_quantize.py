@@ -95,12 +95,16 @@ def test_quantized_logits_are_close_to_float(name):
     with torch.no_grad():
         ref = model(x).logits
         out = model.quantize()(x).logits
-        # The quantized model computes exactly the float model with the dequantized weights q * s.
+        # The quantized model computes the float model with the dequantized weights q * s. The compiled
+        # kernel also rounds its input rows to int16 (blocks of 256, within 1/65534 of the block's
+        # largest entry): that moves these logits by 6e-5-1.6e-4 (relative norm; the peaked attention of
+        # these random models amplifies it), against 1.4-3.6% for the int8 weights themselves.
         for key, m in model.named_modules():
             if isinstance(m, Int8Linear):
                 target = oracle.get_submodule(key)
                 target.weight = nn.Parameter(m.dequantized())  # unties a tied head, as quantization does
-        torch.testing.assert_close(out, oracle(x).logits, rtol=1e-5, atol=1e-5)
+        dequantized = oracle(x).logits
+        assert float((out - dequantized).norm() / dequantized.norm()) < 5e-4
     # Against the float weights: int8 rounding moves the logits by 1.4-3.6% (relative norm) on these
     # random models, whose large init (0.2) makes attention peaked; tolerance 6%, and the greedy choice
     # stays at >= 85% of positions (measured 92-100%).

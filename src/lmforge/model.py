@@ -29,7 +29,7 @@ from lmforge.checkpoint import load_pretrained, save_pretrained as save_checkpoi
 from lmforge.checkpoint import load_weights as copy_weights_from
 from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
-from lmforge.kernels import Gemv, available as kernels_available, bind, linear as kernel_linear
+from lmforge.kernels import Gemv, OneQueryAttention, available as kernels_available, bind, linear as kernel_linear
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
@@ -399,7 +399,7 @@ class CausalSelfAttention(nn.Module):
         qkv_proj, out_proj = _row_linear(self.c_attn), _row_linear(self.c_proj)
         rotate = self._rotate
         keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (KV, max_length, D)
-        gqa = {"enable_gqa": True} if KV != H else {}
+        attend = OneQueryAttention(keys, values, H, scale)
 
         def step(x: torch.Tensor, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
             n = kv_cache.length
@@ -407,11 +407,7 @@ class CausalSelfAttention(nn.Module):
             keys[:, n] = k
             values[:, n] = v
             start = 0 if window is None else max(0, n + 1 - window)
-            # The fused kernel for the one query (a hand-written bmm/softmax/bmm is no faster here,
-            # and in bf16 oneDNN would build and keep a kernel for every new cache length).
-            y = F.scaled_dot_product_attention(
-                q.view(1, H, 1, D), keys[None, :, start: n + 1], values[None, :, start: n + 1], scale=scale, **gqa
-            ).view(H * D)  # Concat(head_1..head_h)
+            y = attend(q, start, n + 1).view(H * D)  # Concat(head_1..head_h)
             return out_proj(y, x, out=x)  # x is the step's own buffer
 
         return step

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lmforge.errors import ConfigError
 from lmforge.kernels import _build
 
-__all__ = ["linear", "int8_linear", "bind", "Gemv", "available", "why_unavailable"]
+__all__ = ["linear", "int8_linear", "bind", "Gemv", "OneQueryAttention", "available", "why_unavailable"]
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}  # weight kinds of gemv.cpp; int8 is 2
 _INT8 = 2
@@ -122,6 +122,46 @@ class Gemv:
         else:
             y = _torch_int8_linear(x, self.weight, self.scale, self.bias, residual)
         return y if out is None else out.copy_(y)
+
+
+class OneQueryAttention:
+    """softmax(q_h K_h^T * scale) V_h for one query per head over positions [start, end) of one sequence's
+    cache: the attention of a batch-1 decode step (torch's fused CPU kernel costs 100-200 us per call
+    whatever the length; the compiled one reads each cached key and value once).
+
+    keys, values: (n_kv_heads, max_length, head_dim), the cache row's own storage (written in place
+    between calls); query head h reads kv head h // (n_head // n_kv_heads). Call with q (n_head, head_dim)
+    of the cache's dtype; returns (n_head, head_dim). Falls back to F.scaled_dot_product_attention
+    wherever the compiled kernel does not apply (another device or dtype, no compiler), equal up to
+    float rounding."""
+
+    __slots__ = ("keys", "values", "n_head", "scale", "_ops", "_args", "_gqa")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, n_head: int, scale: float):
+        if keys.dim() != 3 or keys.shape != values.shape or n_head % keys.shape[0]:
+            raise ConfigError(f"OneQueryAttention: keys {tuple(keys.shape)} and values {tuple(values.shape)} must both be "
+                              f"(n_kv_heads, max_length, head_dim) with n_head ({n_head}) a multiple of n_kv_heads")
+        self.keys, self.values, self.n_head, self.scale = keys, values, n_head, float(scale)
+        self._gqa = {"enable_gqa": True} if keys.shape[0] != n_head else {}
+        self._ops = None
+        if (keys.is_cpu and values.is_cpu and keys.dtype in _KINDS and values.dtype is keys.dtype
+                and keys.is_contiguous() and values.is_contiguous()):
+            self._ops = _build.ops()
+            kv, length, d = keys.shape
+            self._args = (1 if keys.dtype is torch.bfloat16 else 0, keys.data_ptr(), values.data_ptr(), n_head, kv, length, d)
+
+    def __call__(self, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        ops = self._ops
+        if (ops is not None and q.dtype is self.keys.dtype and q.is_cpu and q.is_contiguous()
+                and q.numel() == self.n_head * self.keys.shape[2] and 0 <= start < end <= self.keys.shape[1]):
+            bf16, k, v, h, kv, length, d = self._args
+            y = torch.empty(h, d, dtype=q.dtype)
+            ops.attend(bf16, q.data_ptr(), k, v, y.data_ptr(), h, kv, length, d, start, end, self.scale)
+            return y
+        d = self.keys.shape[2]
+        return F.scaled_dot_product_attention(
+            q.reshape(1, self.n_head, 1, d), self.keys[None, :, start:end], self.values[None, :, start:end],
+            scale=self.scale, **self._gqa).view(self.n_head, d)
 
 
 def _fits(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> bool:

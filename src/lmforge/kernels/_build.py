@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCE = Path(__file__).with_name("gemv.cpp")  # the translation unit; it includes the headers beside it
 _UNTRIED = object()
 _lock = threading.Lock()
 _ops: object = _UNTRIED  # the extension module, or None when unavailable
@@ -117,7 +117,7 @@ def _load() -> None:
             _ops, _reason = None, why
             return
         start = time.perf_counter()
-        source = SOURCE.read_bytes()
+        source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.h")))
         cflags, ldflags = _flags()
         ident = "\n".join([torch.__version__, sys.version, _cpu_flags(), " ".join(cflags + ldflags)])
         key = hashlib.sha256(source + ident.encode()).hexdigest()[:16]

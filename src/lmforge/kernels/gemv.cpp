@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -241,22 +243,159 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const T* w, int64_t n0, int
   }
 }
 
+// ---- int8 weights: integer products ----
+// x is rounded to int16 in blocks of QB entries along K, each block with its own scale (its largest |x| /
+// 32767): the rounding error, at most half a step (1/65534 of the block's largest entry), is far below the
+// weights' own (half a step of 1/254 of the row's largest). Each block's int8 x int16 products are summed
+// exactly in int32 (QB * 127 * 32767 < 2^31), then scaled by the block's scale and summed in fp32. On AVX2
+// one multiply-add instruction (vpmaddwd) takes 16 weights, against 8 per fused multiply-add after a
+// conversion to fp32: the products, not the memory, bounded the earlier fp32 path (llama.cpp's Q8_0 rounds
+// x to int8 in blocks of 32 for the same reason; int16 keeps x's rounding negligible).
+constexpr int64_t QB = 256;
+constexpr float X_LEVELS = 32767.f;
+
+struct QuantizedX {
+  std::vector<int16_t> q;  // (M, K)
+  std::vector<float> scale;  // (M, blocks)
+  int64_t blocks;
+};
+
+// One row of x (fp32 or bf16) into int16 blocks; a block holding inf or NaN gets a NaN scale, so every
+// output it reaches is NaN (as the float product would be inf or NaN).
+template <typename X>
+void quantize_row(const X* x, int64_t K, int16_t* q, float* scale) {
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += QB, ++b) {
+    const int64_t k1 = std::min(K, k0 + QB);
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float v = to_f32(x[k]);
+      finite &= std::isfinite(v);
+      amax = std::max(amax, std::fabs(v));
+    }
+    const float inv = (finite && amax > 0.f) ? X_LEVELS / amax : 0.f;
+    scale[b] = finite ? amax / X_LEVELS : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t k = k0; k < k1; ++k) {
+      const float v = std::nearbyint(to_f32(x[k]) * inv);
+      q[k] = static_cast<int16_t>(std::min(X_LEVELS, std::max(-X_LEVELS, v)));
+    }
+  }
+}
+
+#if defined(__AVX2__)
+constexpr int QW = 16;  // int16 lanes of one step
+using vi = __m256i;
+inline vi izero() { return _mm256_setzero_si256(); }
+inline vi iadd(vi a, vi b) { return _mm256_add_epi32(a, b); }
+inline vi wload16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+// acc + pairwise sums of w * x (16 int16 products into 8 int32 lanes), exact.
+inline vi imadd(vi w, const int16_t* x, vi acc) {
+  const vi xv = _mm256_loadu_si256((const __m256i*)x);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, w, xv);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, w, xv);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, xv));
+#endif
+}
+using vsf = __m256;  // the fp32 block sums
+inline vsf szero() { return _mm256_setzero_ps(); }
+inline vsf sfma(vi a, float s, vsf acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), acc); }
+inline float ssum(vsf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr int QW = 1;
+using vi = int32_t;
+inline vi izero() { return 0; }
+inline vi iadd(vi a, vi b) { return a + b; }
+inline vi wload16(const int8_t* p) { return *p; }
+inline vi imadd(vi w, const int16_t* x, vi acc) { return acc + w * int32_t(*x); }
+using vsf = float;
+inline vsf szero() { return 0.f; }
+inline vsf sfma(vi a, float s, vsf acc) { return float(a) * s + acc; }
+inline float ssum(vsf a) { return a; }
+#endif
+
+// out[m] = dot(w, x[m]) for m < M, in the blocks of QuantizedX. One weight row at a time, so the weights
+// are read as one sequential stream (rows are short: interleaving several, as dot_rows does, left the
+// hardware prefetcher behind); U steps of 16 per 64-byte line, each into its own sums.
+template <int M, int U>
+inline void dot_row_i8(const int16_t* xq, const float* xs, int64_t blocks, int64_t K, const int8_t* w, float* out) {
+  vsf acc[M];
+  float tail[M];
+  LMF_UNROLL for (int m = 0; m < M; ++m) acc[m] = szero(), tail[m] = 0.f;
+  constexpr int64_t LINE = 64;
+  const int64_t ahead = std::max<int64_t>(16384, K);  // bytes: well past the memory latency
+  for (int64_t b = 0, k0 = 0; b < blocks; ++b, k0 += QB) {
+    const int64_t k1 = std::min(K, k0 + QB);
+    vi iacc[U][M];
+    LMF_UNROLL for (int u = 0; u < U; ++u)
+      LMF_UNROLL for (int m = 0; m < M; ++m) iacc[u][m] = izero();
+    int64_t k = k0;
+    for (; k + LINE <= k1; k += LINE) {
+      lmf_prefetch(w + ahead + k);
+      LMF_UNROLL for (int j = 0; j < LINE / QW; ++j) {
+        const vi wv = wload16(w + k + j * QW);
+        LMF_UNROLL for (int m = 0; m < M; ++m) iacc[j % U][m] = imadd(wv, xq + m * K + k + j * QW, iacc[j % U][m]);
+      }
+    }
+    for (; k + QW <= k1; k += QW) {
+      const vi wv = wload16(w + k);
+      LMF_UNROLL for (int m = 0; m < M; ++m) iacc[0][m] = imadd(wv, xq + m * K + k, iacc[0][m]);
+    }
+    LMF_UNROLL for (int m = 0; m < M; ++m) {
+      LMF_UNROLL for (int u = 1; u < U; ++u) iacc[0][m] = iadd(iacc[0][m], iacc[u][m]);
+      int32_t rest = 0;  // the row's last entries that fill no vector
+      for (int64_t j = k; j < k1; ++j) rest += int32_t(w[j]) * xq[m * K + j];
+      acc[m] = sfma(iacc[0][m], xs[m * blocks + b], acc[m]);
+      tail[m] += float(rest) * xs[m * blocks + b];
+    }
+  }
+  LMF_UNROLL for (int m = 0; m < M; ++m) out[m] = ssum(acc[m]) + tail[m];
+}
+
+template <int M>
+constexpr int unroll_i8() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
+
+// Rows [n0, n1) of y for the M (<= 8) rows of x.
+template <int M>
+void gemv_range_i8(const int16_t* xq, const float* xs, int64_t blocks, int64_t K, const int8_t* w, int64_t n0,
+                   int64_t n1, const Epilogue& ep) {
+  float out[M];
+  for (int64_t n = n0; n < n1; ++n) {
+    dot_row_i8<M, unroll_i8<M>()>(xq, xs, blocks, K, w + n * K, out);
+    for (int m = 0; m < M; ++m) ep.store(m, n, out[m]);
+  }
+}
+
+// x rows [0, M) starting at xq / xs (M <= 8).
+inline void gemv_rows_i8(const int16_t* xq, const float* xs, int64_t blocks, int64_t M, int64_t K, const int8_t* w,
+                         int64_t n0, int64_t n1, const Epilogue& ep) {
+  switch (M) {
+    case 1: return gemv_range_i8<1>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 2: return gemv_range_i8<2>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 3: return gemv_range_i8<3>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 4: return gemv_range_i8<4>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 5: return gemv_range_i8<5>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 6: return gemv_range_i8<6>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 7: return gemv_range_i8<7>(xq, xs, blocks, K, w, n0, n1, ep);
+    default: return gemv_range_i8<8>(xq, xs, blocks, K, w, n0, n1, ep);
+  }
+}
+
 // Weight kinds and flags of the entry point (mirrored in lmforge/kernels/__init__.py).
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
 enum { X_BF16 = 1, BIAS_BF16 = 2 };
 
-template <typename T>
-void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N, Epilogue ep) {
-  const float* xf = static_cast<const float*>(x);
-  std::vector<float> xbuf;
-  if (x_bf16 || vectors_per_load<T>() > 1) {
-    xbuf.resize(M * K);
-    if (x_bf16)
-      permute_x<T>(static_cast<const uint16_t*>(x), M, K, xbuf.data());
-    else
-      permute_x<T>(xf, M, K, xbuf.data());
-    xf = xbuf.data();
-  }
+// Split the weight rows among threads and call rows(m0, rows_of_x, n0, n1, epilogue) per block of 8 rows of
+// x and tile of weight rows.
+template <typename Rows>
+void tiled(int64_t M, int64_t N, int64_t row_bytes, const Epilogue& ep, const Rows& rows) {
   const int64_t out_size = ep.out_bf16 ? 2 : 4;
   std::vector<Epilogue> blocks;  // one per 8 rows of x (each block's y and residual)
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
@@ -267,7 +406,6 @@ void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N
   }
   // Threads split the weight rows; each takes them in tiles of ~128 KiB that all blocks of 8 rows of x
   // use while the tile is in the core's L2 cache, so the weights come from memory once for all M rows.
-  const int64_t row_bytes = K * int64_t(sizeof(T));
   // (With one block there is nothing to reuse: one call per thread's range. Tiles are a multiple of 8
   // rows so that no tile ends in the kernel's slower one-row tail.)
   const int64_t tile = blocks.size() == 1 ? N : ((std::max<int64_t>(8, (int64_t(1) << 17) / std::max<int64_t>(1, row_bytes)) + 7) / 8) * 8;
@@ -277,9 +415,40 @@ void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N
       const int64_t n1 = std::min(end, n0 + tile);
       for (size_t b = 0; b < blocks.size(); ++b) {
         const int64_t m0 = int64_t(b) * 8;
-        gemv_rows<T>(xf + m0 * K, std::min<int64_t>(8, M - m0), K, w, n0, n1, blocks[b]);
+        rows(m0, std::min<int64_t>(8, M - m0), n0, n1, blocks[b]);
       }
     }
+  });
+}
+
+template <typename T>
+void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N, const Epilogue& ep) {
+  const float* xf = static_cast<const float*>(x);
+  std::vector<float> xbuf;
+  if (x_bf16 || vectors_per_load<T>() > 1) {
+    xbuf.resize(M * K);
+    if (x_bf16)
+      permute_x<T>(static_cast<const uint16_t*>(x), M, K, xbuf.data());
+    else
+      permute_x<T>(xf, M, K, xbuf.data());
+    xf = xbuf.data();
+  }
+  tiled(M, N, K * int64_t(sizeof(T)), ep, [&](int64_t m0, int64_t m, int64_t n0, int64_t n1, const Epilogue& e) {
+    gemv_rows<T>(xf + m0 * K, m, K, w, n0, n1, e);
+  });
+}
+
+void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, int64_t N, const Epilogue& ep) {
+  QuantizedX qx{std::vector<int16_t>(M * K), {}, (K + QB - 1) / QB};
+  qx.scale.resize(M * qx.blocks);
+  for (int64_t m = 0; m < M; ++m) {
+    if (x_bf16)
+      quantize_row(static_cast<const uint16_t*>(x) + m * K, K, qx.q.data() + m * K, qx.scale.data() + m * qx.blocks);
+    else
+      quantize_row(static_cast<const float*>(x) + m * K, K, qx.q.data() + m * K, qx.scale.data() + m * qx.blocks);
+  }
+  tiled(M, N, K, ep, [&](int64_t m0, int64_t m, int64_t n0, int64_t n1, const Epilogue& e) {
+    gemv_rows_i8(qx.q.data() + m0 * K, qx.scale.data() + m0 * qx.blocks, qx.blocks, m, K, w, n0, n1, e);
   });
 }
 
@@ -305,7 +474,7 @@ PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
     if (kind == W_F32) run(x, x_bf16, M, K, static_cast<const float*>(w), N, ep);
     else if (kind == W_BF16) run(x, x_bf16, M, K, static_cast<const uint16_t*>(w), N, ep);
-    else run(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep);
+    else run_i8(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep);
   } catch (const std::exception&) {
     failed = true;
   }
@@ -317,9 +486,50 @@ PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+#include "attention.h"
+
+// attend(bf16, q, keys, values, y, H, KV, L, D, start, end, scale): addresses as ints, scale a float.
+PyObject* attend_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 12) {
+    PyErr_SetString(PyExc_TypeError, "attend expects 12 arguments");
+    return nullptr;
+  }
+  int64_t v[11];
+  for (int i = 0; i < 11; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  const double scale = PyFloat_AsDouble(args[11]);
+  if (PyErr_Occurred()) return nullptr;
+  const int64_t H = v[5], KV = v[6], L = v[7], D = v[8], start = v[9], end = v[10];
+  if (H <= 0 || KV <= 0 || H % KV || D <= 0 || start < 0 || end <= start || end > L) {
+    PyErr_SetString(PyExc_ValueError, "attend: bad sizes");
+    return nullptr;
+  }
+  bool failed = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    if (v[0])
+      attend(reinterpret_cast<const uint16_t*>(v[1]), reinterpret_cast<const uint16_t*>(v[2]),
+             reinterpret_cast<const uint16_t*>(v[3]), reinterpret_cast<uint16_t*>(v[4]), H, KV, L, D, start, end,
+             float(scale));
+    else
+      attend(reinterpret_cast<const float*>(v[1]), reinterpret_cast<const float*>(v[2]),
+             reinterpret_cast<const float*>(v[3]), reinterpret_cast<float*>(v[4]), H, KV, L, D, start, end,
+             float(scale));
+  } catch (const std::exception&) {
+    failed = true;
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) {
+    PyErr_SetString(PyExc_RuntimeError, "lmforge kernels: attend failed");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"gemv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(gemv_entry)), METH_FASTCALL,
      "gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N)"},
+    {"attend", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attend_entry)), METH_FASTCALL,
+     "attend(bf16, q, keys, values, y, H, KV, L, D, start, end, scale)"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define LMF_STR2(a) #a
@@ -327,7 +537,7 @@ PyMethodDef methods[] = {
 #define LMF_CAT2(a, b) a##b
 #define LMF_CAT(a, b) LMF_CAT2(a, b)
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU gemv kernels", -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU kernels: gemv, one-query attention", -1, methods};
 
 }  // namespace
 
