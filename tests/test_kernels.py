@@ -30,11 +30,15 @@ class Spy:
     """Wraps the compiled module to count kernel calls (so a test knows which path ran)."""
 
     def __init__(self, real):
-        self.real, self.calls = real, 0
+        self.real, self.calls, self.attends = real, 0, 0
 
     def gemv(self, *args):
         self.calls += 1
         return self.real.gemv(*args)
+
+    def attend(self, *args):
+        self.attends += 1
+        return self.real.attend(*args)
 
 
 @pytest.fixture
@@ -320,3 +324,49 @@ def test_cuda_uses_torch(dtype):
     y8 = kernels.int8_linear(x, q.cuda(), scale.cuda(), b, r)
     assert y8.is_cuda
     assert_close(y8.cpu(), x.cpu(), q, b.cpu(), r.cpu(), scale, roundings=2)
+
+
+def attention_oracle(q, keys, values, start, end, scale):
+    h, d = q.shape
+    return F.scaled_dot_product_attention(
+        q.double().view(1, h, 1, d), keys.double()[None, :, start:end], values.double()[None, :, start:end],
+        scale=scale, enable_gqa=keys.shape[0] != h).view(h, d)
+
+
+ATTENTION_CASES = [  # (H, KV, L, D, start, end): MHA, GQA with a window start, MQA, one position, D tails
+    (12, 12, 64, 64, 0, 33), (14, 2, 300, 64, 5, 300), (4, 1, 40, 20, 3, 17), (16, 8, 100, 128, 0, 1),
+    (2, 2, 2000, 64, 0, 2000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_matches_sdpa(compiled, dtype):
+    # fp32: sums and softmax in fp32 (the exponential within a few ulp); bf16: the output rounded once.
+    for h, kv, length, d, start, end in ATTENTION_CASES:
+        g = torch.Generator().manual_seed(h + d)
+        keys, values = (torch.randn(kv, length, d, generator=g).to(dtype) for _ in range(2))
+        q = (torch.randn(h, d, generator=g) * 3).to(dtype)
+        y = kernels.OneQueryAttention(keys, values, h, d**-0.5)(q, start, end)
+        ref = attention_oracle(q, keys, values, start, end, d**-0.5)
+        assert y.dtype == dtype and y.shape == (h, d)
+        tol = 1e-5 if dtype is torch.float32 else 2.0**-8 * ref.abs().max().item() + 1e-5
+        assert (y.double() - ref).abs().max().item() <= tol
+    assert compiled.attends == len(ATTENTION_CASES)
+
+
+def test_one_query_attention_reads_the_cache_as_it_is_written(compiled):
+    keys, values = torch.zeros(2, 10, 8), torch.zeros(2, 10, 8)
+    attend = kernels.OneQueryAttention(keys, values, 4, 0.5)
+    q = torch.randn(4, 8)
+    for n in range(10):
+        keys[:, n], values[:, n] = torch.randn(2, 8), torch.randn(2, 8)
+        assert torch.allclose(attend(q, 0, n + 1).double(), attention_oracle(q, keys, values, 0, n + 1, 0.5), atol=1e-5)
+    assert compiled.attends == 10
+
+
+def test_one_query_attention_falls_back_to_torch(no_kernels):
+    keys, values = torch.randn(2, 30, 16), torch.randn(2, 30, 16)
+    q = torch.randn(6, 16)
+    y = kernels.OneQueryAttention(keys, values, 6, 0.25)(q, 4, 30)
+    assert torch.allclose(y.double(), attention_oracle(q, keys, values, 4, 30, 0.25), atol=1e-5)
+    with pytest.raises(ConfigError, match="multiple of n_kv_heads"):
+        kernels.OneQueryAttention(keys, values, 5, 0.25)
