@@ -370,3 +370,66 @@ def test_one_query_attention_falls_back_to_torch(no_kernels):
     assert torch.allclose(y.double(), attention_oracle(q, keys, values, 4, 30, 0.25), atol=1e-5)
     with pytest.raises(ConfigError, match="multiple of n_kv_heads"):
         kernels.OneQueryAttention(keys, values, 5, 0.25)
+
+
+def norms(dtype, k, g):
+    weight = (1 + torch.randn(k, generator=g) / 4).to(dtype)
+    bias = (torch.randn(k, generator=g) / 4).to(dtype)
+    layer = torch.nn.LayerNorm(k, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    from lmforge.model import RMSNorm
+
+    rms = RMSNorm(k, 1e-6).to(dtype)
+    with torch.no_grad():
+        rms.weight.copy_(weight)
+    return [kernels.Norm("layernorm", layer.weight, layer.bias, layer.eps, layer.forward),
+            kernels.Norm("rmsnorm", rms.weight, None, rms.eps, rms.forward)]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_norm_and_gelu_match_the_separate_modules(compiled, weights, m):
+    # The kernel normalizes x (rounded to x's dtype, as the module's output is) and applies GELU to its
+    # output; against the modules and torch's GELU run one after another. bf16: a normalized entry may
+    # round the other way (one bf16 step: 2**-8 relative), and the output is rounded once more.
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    gelu = kernels.Activation("gelu_tanh", lambda y: torch.nn.functional.gelu(y, approximate="tanh"))
+    for n, k in [(37, 29), (300, 768)]:
+        g = torch.Generator().manual_seed(n)
+        x = (torch.randn(m, k, generator=g) * 3 + 1).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        scale = None
+        if weights == "int8":
+            w, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) / 64
+        for norm in norms(dtype, k, g):
+            for activation in (None, gelu):
+                calls = compiled.calls
+                y = kernels.bind(w, b, scale, norm, activation)(x)
+                assert compiled.calls == calls + 1
+                h = norm.apply(x)
+                ref, mag = oracle(h, w, b, None, scale)
+                bound = 4e-5 * mag
+                if scale is not None:
+                    bound = bound + int16_rounding(h, w, scale)
+                if dtype is torch.bfloat16:
+                    bound = bound + 2.0**-8 * mag
+                if activation is not None:
+                    ref, bound = torch.nn.functional.gelu(ref, approximate="tanh"), 1.13 * bound
+                if dtype is torch.bfloat16:
+                    bound = bound + 2.0**-8 * ref.abs()
+                err = (y.double() - ref).abs()
+                assert (err <= bound + 1e-6).all(), (norm.kind, activation, (err - bound).max().item())
+
+
+def test_fused_norm_and_gelu_fall_back_to_the_modules(no_kernels):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    r = torch.randn(2, 8, generator=g)
+    gelu = kernels.Activation("gelu_tanh", lambda y: torch.nn.functional.gelu(y, approximate="tanh"))
+    for norm in norms(torch.float32, 16, g):
+        y = kernels.bind(w, b, None, norm, gelu)(x, r)
+        expected = torch.nn.functional.gelu(torch.nn.functional.linear(norm.apply(x), w, b), approximate="tanh") + r
+        torch.testing.assert_close(y, expected)

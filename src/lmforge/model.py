@@ -29,7 +29,7 @@ from lmforge.checkpoint import load_pretrained, save_pretrained as save_checkpoi
 from lmforge.checkpoint import load_weights as copy_weights_from
 from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
-from lmforge.kernels import Gemv, OneQueryAttention, available as kernels_available, bind, linear as kernel_linear
+from lmforge.kernels import Activation, Gemv, Norm, OneQueryAttention, available as kernels_available, bind, linear as kernel_linear
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
@@ -263,12 +263,12 @@ def _norm(config: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
 
 
-def _norm_row(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm as a function of one (C,) vector, its tensors looked up once (see GPT.row_step)."""
+def _fused_norm(norm: nn.Module) -> Norm:
+    """The norm as lmforge.kernels fuses it in front of the next projection (see GPT.row_step)."""
     if isinstance(norm, nn.LayerNorm):
         weight, bias, shape, eps = norm.weight, norm.bias, norm.normalized_shape, norm.eps
-        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
-    return norm.forward
+        return Norm("layernorm", weight, bias, eps, lambda x: F.layer_norm(x, shape, weight, bias, eps))
+    return Norm("rmsnorm", norm.weight, None, norm.eps, norm.forward)
 
 
 def rope_inverse_frequencies(config: GPTConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -391,23 +391,21 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(qk, *rope).split((H, KV), dim=dim)
         return q, k, v
 
-    def row_step(self, kv_cache: KVCache) -> RowStep:
-        """x, h, rope -> x + MultiHead(h) for one token of one sequence (cache row 0) on vectors: the
+    def row_step(self, kv_cache: KVCache, norm: nn.Module) -> RowStep:
+        """x, rope -> x + MultiHead(norm(x)) for one token of one sequence (cache row 0) on vectors: the
         equations of forward with the fewest operations (see GPT.row_step), one query attending to
         the filled cache (its last `sliding_window` positions), y_h = softmax(q_h K_h^T * scale) V_h."""
         H, KV, D, scale, window = self.n_head, self.n_kv_head, self.head_dim, self.scale, self.window
-        qkv_proj, out_proj = _row_linear(self.c_attn), _row_linear(self.c_proj)
+        qkv_proj, out_proj = _row_linear(self.c_attn, norm=_fused_norm(norm)), _row_linear(self.c_proj)
         rotate = self._rotate
         keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (KV, max_length, D)
         attend = OneQueryAttention(keys, values, H, scale)
 
-        def step(x: torch.Tensor, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        def step(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
             n = kv_cache.length
-            q, k, v = rotate(qkv_proj(h).view(H + 2 * KV, D), rope, dim=0)
-            keys[:, n] = k
-            values[:, n] = v
+            q, k, v = rotate(qkv_proj(x).view(H + 2 * KV, D), rope, dim=0)
             start = 0 if window is None else max(0, n + 1 - window)
-            y = attend(q, start, n + 1).view(H * D)  # Concat(head_1..head_h)
+            y = attend(q, start, n + 1, k, v).view(H * D)  # writes k, v at n; Concat(head_1..head_h)
             return out_proj(y, x, out=x)  # x is the step's own buffer
 
         return step
@@ -449,19 +447,20 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-# A one-row step: (x, h, rope) -> x + sublayer(h) on vectors, built once per request.
+# A one-row step: (x[, rope]) -> x + sublayer(norm(x)) on vectors, built once per request.
 RowStep = Callable[..., torch.Tensor]
 # The layers the one-row step can run itself (a wrapped layer, e.g. a LoRA adapter, cannot).
 ROW_LINEARS = (Linear, nn.Linear, Int8Linear)
 
 
-def _row_linear(layer: nn.Module) -> Gemv:
-    """(h, residual=None, out=None) -> layer(h) + residual for one (in,) vector, the layer's tensors
-    checked once: lmforge.kernels' matrix-vector kernel, which streams each weight once, with bias and
-    residual added in the same pass (`out=residual`: in place), or plain torch where it does not apply."""
+def _row_linear(layer: nn.Module, norm: Norm | None = None, activation: Activation | None = None) -> Gemv:
+    """(h, residual=None, out=None) -> act(layer(norm(h))) + residual for one (in,) vector, the layer's
+    tensors checked once: lmforge.kernels' matrix-vector kernel, which streams each weight once, with the
+    norm, bias, activation and residual applied in the same call (`out=residual`: in place), or plain
+    torch where it does not apply."""
     if isinstance(layer, Int8Linear):
-        return bind(layer.weight, layer.bias, scale=layer.weight_scale)
-    return bind(layer.weight, layer.bias)
+        return bind(layer.weight, layer.bias, layer.weight_scale, norm, activation)
+    return bind(layer.weight, layer.bias, None, norm, activation)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -501,16 +500,20 @@ class MLP(nn.Module):
             h = self.act(h)
         return _dropout(self.c_proj(h), self.resid_pdrop, self.training)
 
-    def row_step(self) -> RowStep:
-        """x, h -> x + MLP(h) on (C,) vectors (see GPT.row_step)."""
-        fc, proj, act, gated = _row_linear(self.c_fc), _row_linear(self.c_proj), self.act.forward, self.gated
+    def row_step(self, norm: nn.Module) -> RowStep:
+        """x -> x + MLP(norm(x)) on (C,) vectors (see GPT.row_step)."""
+        act, gated = self.act.forward, self.gated
+        # GPT-2's GELU runs inside the kernel, on each tile of c_fc's output as it is written
+        fused = not gated and isinstance(self.act, nn.GELU) and self.act.approximate == "tanh"
+        fc = _row_linear(self.c_fc, _fused_norm(norm), Activation("gelu_tanh", act) if fused else None)
+        proj = _row_linear(self.c_proj)
 
-        def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-            h = fc(h)
+        def step(x: torch.Tensor) -> torch.Tensor:
+            h = fc(x)
             if gated:
                 gate, up = h.chunk(2)
                 h = act(gate).mul_(up)
-            else:
+            elif not fused:
                 h = act(h)
             return proj(h, x, out=x)
 
@@ -534,12 +537,10 @@ class Block(nn.Module):
 
     def row_step(self, kv_cache: KVCache) -> Callable[..., torch.Tensor]:
         """x, rope -> the block's output for one token of one sequence, on vectors (see GPT.row_step)."""
-        attn, mlp = self.attn.row_step(kv_cache), self.mlp.row_step()
-        ln_1, ln_2 = _norm_row(self.ln_1), _norm_row(self.ln_2)
+        attn, mlp = self.attn.row_step(kv_cache, self.ln_1), self.mlp.row_step(self.ln_2)
 
         def step(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-            x = attn(x, ln_1(x), rope)
-            return mlp(x, ln_2(x))
+            return mlp(attn(x, rope))
 
         return step
 
@@ -734,10 +735,9 @@ class GPT(nn.Module):
         """
         t, n_positions = self.transformer, self.config.n_positions
         blocks = [block.row_step(kv_cache) for block in t.h]
-        wte, head = t.wte.weight, _row_linear(self.lm_head)
+        wte, head = t.wte.weight, _row_linear(self.lm_head, _fused_norm(t.ln_f))
         wpe = t.wpe.weight if self.config.positions == "learned" else None
         inv_freq = None if wpe is not None else self.rope_frequencies(wte.device)
-        ln_f = _norm_row(t.ln_f)
 
         def step(token: torch.Tensor) -> torch.Tensor:
             n = kv_cache.length
@@ -754,7 +754,7 @@ class GPT(nn.Module):
             for block in blocks:
                 x = block(x, rope)
             kv_cache.advance(1)
-            return head(ln_f(x))
+            return head(x)
 
         return step
 

@@ -18,6 +18,7 @@ never build or use the compiled kernels.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,14 @@ import torch.nn.functional as F
 from lmforge.errors import ConfigError
 from lmforge.kernels import _build
 
-__all__ = ["linear", "int8_linear", "bind", "Gemv", "OneQueryAttention", "available", "why_unavailable"]
+__all__ = ["linear", "int8_linear", "bind", "Gemv", "Norm", "Activation", "OneQueryAttention", "available",
+           "why_unavailable"]
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}  # weight kinds of gemv.cpp; int8 is 2
 _INT8 = 2
 _X_BF16, _BIAS_BF16 = 1, 2  # flags of gemv.cpp
+_NORM_FLAGS = {"layernorm": 4, "rmsnorm": 8}
+_ACTIVATION_FLAGS = {"gelu_tanh": 16}
 _X_FLAGS = {torch.float32: 0, torch.bfloat16: _X_BF16}
 # Up to how many rows of x the compiled kernel runs, measured against torch 2.13 (MKL) on a 2-core AVX2
 # EPYC: the kernel streams each tile of weights from memory once for all rows (blocks of 8 rows reuse it
@@ -69,8 +73,29 @@ def why_unavailable() -> str | None:
     return _build.reason()
 
 
+class Norm(NamedTuple):
+    """A norm in front of a projection, fused into its kernel: `kind` "layernorm" ((x - mean) /
+    sqrt(var + eps) * weight + bias) or "rmsnorm" (x / sqrt(mean(x^2) + eps) * weight, as
+    lmforge.model.RMSNorm rounds it); `apply` is the norm itself, which the torch path calls."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    apply: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Activation(NamedTuple):
+    """An activation after a projection, fused into its kernel: `kind` "gelu_tanh" (GPT-2's GELU,
+    0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))); `apply` is the activation itself (the torch path)."""
+
+    kind: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+
+
 class Gemv:
-    """y = x @ weight.T (* scale) (+ bias) (+ residual) with the weight checked once.
+    """y = act(norm(x) @ weight.T (* scale) (+ bias)) (+ residual) with the weight checked once; the norm
+    and the activation are optional (and the residual only without an activation).
 
     Bind once per request, call once per decode step: the per-call work is a few attribute reads, one
     output allocation and the kernel. Falls back to `linear` / `int8_linear` (torch) whenever the compiled
@@ -78,10 +103,12 @@ class Gemv:
     given: bind again after replacing them (in-place updates are seen).
     """
 
-    __slots__ = ("weight", "scale", "bias", "_ops", "_args", "_n", "_k", "_limit", "_grad", "_x_flags")
+    __slots__ = ("weight", "scale", "bias", "norm", "activation", "_ops", "_args", "_n", "_k", "_limit", "_grad",
+                 "_x_flags")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
-        self.weight, self.scale, self.bias = weight, scale, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 norm: Norm | None = None, activation: Activation | None = None):
+        self.weight, self.scale, self.bias, self.norm, self.activation = weight, scale, bias, norm, activation
         self._ops, self._args, self._limit = None, None, 0
         self._n, self._k = (weight.shape[0], weight.shape[-1]) if weight.dim() == 2 else (0, 0)
         self._grad = weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -97,9 +124,24 @@ class Gemv:
             if not (bias.is_cpu and bias.is_contiguous() and bias.dtype in _KINDS and bias.shape == (self._n,)):
                 return
             flags = _BIAS_BF16 if bias.dtype is torch.bfloat16 else 0
+        norm_args = (0, 0, 0.0)
+        if norm is not None:
+            # the kernel reads the norm's parameters in x's dtype: x must then have it (see _x_flags)
+            params = [t for t in (norm.weight, norm.bias) if t is not None]
+            if norm.kind not in _NORM_FLAGS or (norm.bias is not None and norm.kind != "layernorm") or not all(
+                    t.is_cpu and t.is_contiguous() and t.dtype is norm.weight.dtype and t.shape == (self._k,)
+                    for t in params) or norm.weight.dtype not in _KINDS:
+                return
+            flags |= _NORM_FLAGS[norm.kind]
+            self._x_flags = {d: f for d, f in self._x_flags.items() if d is norm.weight.dtype}
+            norm_args = (norm.weight.data_ptr(), 0 if norm.bias is None else norm.bias.data_ptr(), float(norm.eps))
+        if activation is not None:
+            if activation.kind not in _ACTIVATION_FLAGS:
+                return
+            flags |= _ACTIVATION_FLAGS[activation.kind]
         self._ops, self._limit = _build.ops(), _max_rows(kind, self._k) * self._k
         self._args = (kind, flags, weight.data_ptr(), 0 if scale is None else scale.data_ptr(),
-                      0 if bias is None else bias.data_ptr())
+                      0 if bias is None else bias.data_ptr(), *norm_args)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,17 +152,24 @@ class Gemv:
         if (ops is not None and x_flags is not None and x.is_cpu and x.is_contiguous() and x.dim() > 0 and x.shape[-1] == k
                 and x.numel() <= self._limit and not ((self._grad or x.requires_grad) and torch.is_grad_enabled())):
             shape = (*x.shape[:-1], self._n)
-            if ((residual is None or _fits(residual, x.dtype, shape))
+            if ((residual is None or (self.activation is None and _fits(residual, x.dtype, shape)))
                     and (out is None or (out is not x and _fits(out, x.dtype, shape)))):
-                kind, flags, w, s, b = self._args
+                kind, flags, w, s, b, norm_w, norm_b, eps = self._args
                 y = torch.empty(shape, dtype=x.dtype) if out is None else out
                 ops.gemv(kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
-                         y.data_ptr(), x.numel() // k, k, self._n)
+                         y.data_ptr(), x.numel() // k, k, self._n, norm_w, norm_b, eps)
                 return y
+        if self.norm is not None:
+            x = self.norm.apply(x)
+        later = residual if self.activation is not None else None  # added after the activation
         if self.scale is None:
-            y = _torch_linear(x, self.weight, self.bias, residual)
+            y = _torch_linear(x, self.weight, self.bias, None if later is not None else residual)
         else:
-            y = _torch_int8_linear(x, self.weight, self.scale, self.bias, residual)
+            y = _torch_int8_linear(x, self.weight, self.scale, self.bias, None if later is not None else residual)
+        if self.activation is not None:
+            y = self.activation.apply(y)
+            if later is not None:
+                y = y + later
         return y if out is None else out.copy_(y)
 
 
@@ -150,15 +199,24 @@ class OneQueryAttention:
             kv, length, d = keys.shape
             self._args = (1 if keys.dtype is torch.bfloat16 else 0, keys.data_ptr(), values.data_ptr(), n_head, kv, length, d)
 
-    def __call__(self, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        ops = self._ops
-        if (ops is not None and q.dtype is self.keys.dtype and q.is_cpu and q.is_contiguous()
-                and q.numel() == self.n_head * self.keys.shape[2] and 0 <= start < end <= self.keys.shape[1]):
-            bf16, k, v, h, kv, length, d = self._args
+    def __call__(self, q: torch.Tensor, start: int, end: int, k: torch.Tensor | None = None,
+                 v: torch.Tensor | None = None) -> torch.Tensor:
+        """With k and v (n_kv_heads, head_dim), the new token's key and value are first written at
+        position end - 1 (in the same call: the step's cache write)."""
+        ops, keys = self._ops, self.keys
+        if (ops is not None and q.dtype is keys.dtype and q.is_cpu and q.is_contiguous()
+                and q.numel() == self.n_head * keys.shape[2] and 0 <= start < end <= keys.shape[1]
+                and (k is None or all(t is not None and t.dtype is keys.dtype and t.is_cpu and t.is_contiguous()
+                                      and t.numel() == keys.shape[0] * keys.shape[2] for t in (k, v)))):
+            bf16, kp, vp, h, kv, length, d = self._args
             y = torch.empty(h, d, dtype=q.dtype)
-            ops.attend(bf16, q.data_ptr(), k, v, y.data_ptr(), h, kv, length, d, start, end, self.scale)
+            ops.attend(bf16, q.data_ptr(), kp, vp, 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
+                       y.data_ptr(), h, kv, length, d, start, end, self.scale)
             return y
-        d = self.keys.shape[2]
+        d = keys.shape[2]
+        if k is not None:
+            keys[:, end - 1] = k.view(keys.shape[0], d)
+            self.values[:, end - 1] = v.view(keys.shape[0], d)
         return F.scaled_dot_product_attention(
             q.reshape(1, self.n_head, 1, d), self.keys[None, :, start:end], self.values[None, :, start:end],
             scale=self.scale, **self._gqa).view(self.n_head, d)
@@ -168,9 +226,11 @@ def _fits(t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> bool:
     return t.is_cpu and t.dtype is dtype and t.is_contiguous() and t.shape == shape and not t.requires_grad
 
 
-def bind(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> Gemv:
-    """`Gemv(weight, bias, scale)`: a pre-checked `linear` (scale None) or `int8_linear` for repeated calls."""
-    return Gemv(weight, bias, scale)
+def bind(weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+         norm: Norm | None = None, activation: Activation | None = None) -> Gemv:
+    """`Gemv(weight, bias, scale, norm, activation)`: a pre-checked `linear` (scale None) or `int8_linear`
+    for repeated calls, optionally with a norm before it and an activation after it."""
+    return Gemv(weight, bias, scale, norm, activation)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

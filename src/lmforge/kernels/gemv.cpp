@@ -99,6 +99,8 @@ inline uint16_t to_bf16(float v) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+#include "vmath.h"
+
 template <typename T>
 constexpr int vectors_per_load() { return std::is_same<T, uint16_t>::value ? 2 : 1; }
 
@@ -196,6 +198,7 @@ struct Epilogue {
   void* y;               // (M, N) fp32 or bf16
   bool out_bf16;
   int64_t N;
+  bool gelu;             // y = GELU(x W^T + b) (tanh form; no residual), applied per tile by `activate`
 
   inline float load(const void* p, bool bf16, int64_t i) const {
     return bf16 ? to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
@@ -390,7 +393,69 @@ inline void gemv_rows_i8(const int16_t* xq, const float* xs, int64_t blocks, int
 
 // Weight kinds and flags of the entry point (mirrored in lmforge/kernels/__init__.py).
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
-enum { X_BF16 = 1, BIAS_BF16 = 2 };
+enum { X_BF16 = 1, BIAS_BF16 = 2, NORM_LAYERNORM = 4, NORM_RMSNORM = 8, ACT_GELU_TANH = 16 };
+
+// The norm in front of a projection, fused into it: each row of x normalized in fp32 and rounded to x's
+// dtype, as the separate module's output would be. LayerNorm: (x - mean) / sqrt(var + eps) * g + b;
+// RMSNorm: round(x / sqrt(mean(x^2) + eps)) * g, the weight multiply in x's dtype (transformers' order).
+// g and b have x's dtype. Sums in double: exact enough that only the final rounding remains.
+enum { NORM_NONE = 0, NORM_LAYER = 1, NORM_RMS = 2 };
+struct Norm {
+  int kind;
+  const void* weight;  // (K,)
+  const void* bias;    // (K,) or null (LayerNorm only)
+  float eps;
+};
+
+template <typename X>
+void normalize_rows(const X* x, int64_t M, int64_t K, const Norm& norm, float* out) {
+  constexpr bool bf16 = std::is_same<X, uint16_t>::value;
+  const X* g = static_cast<const X*>(norm.weight);
+  const X* b = static_cast<const X*>(norm.bias);
+  auto round = [](float v) { return bf16 ? to_f32(to_bf16(v)) : v; };
+  for (int64_t m = 0; m < M; ++m) {
+    const X* xm = x + m * K;
+    float* om = out + m * K;
+    if (norm.kind == NORM_LAYER) {
+      double sum = 0, squares = 0;
+      for (int64_t k = 0; k < K; ++k) sum += to_f32(xm[k]);
+      const double mean = sum / K;
+      for (int64_t k = 0; k < K; ++k) squares += (to_f32(xm[k]) - mean) * (to_f32(xm[k]) - mean);
+      const float rstd = float(1.0 / std::sqrt(squares / K + norm.eps)), meanf = float(mean);
+      for (int64_t k = 0; k < K; ++k)
+        om[k] = round((to_f32(xm[k]) - meanf) * rstd * to_f32(g[k]) + (b ? to_f32(b[k]) : 0.f));
+    } else {
+      double squares = 0;
+      for (int64_t k = 0; k < K; ++k) squares += double(to_f32(xm[k])) * to_f32(xm[k]);
+      const float r = float(1.0 / std::sqrt(squares / K + norm.eps));
+      for (int64_t k = 0; k < K; ++k) om[k] = round(round(to_f32(xm[k]) * r) * to_f32(g[k]));
+    }
+  }
+}
+
+// y[m, n0:n1] = GELU(y[m, n0:n1]) for the tile a thread has just written (still in its cache).
+inline void activate(const Epilogue& ep, int64_t rows, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < rows; ++m) {
+    int64_t n = n0;
+    if (ep.out_bf16) {
+      uint16_t* y = static_cast<uint16_t*>(ep.y) + m * ep.N;
+#if defined(__AVX2__) && defined(__FMA__)
+      alignas(32) float tmp[8];
+      for (; n + 8 <= n1; n += 8) {
+        _mm256_store_ps(tmp, gelu_tanh(load8(y + n)));
+        for (int j = 0; j < 8; ++j) y[n + j] = to_bf16(tmp[j]);
+      }
+#endif
+      for (; n < n1; ++n) y[n] = to_bf16(gelu_tanh(to_f32(y[n])));
+    } else {
+      float* y = static_cast<float*>(ep.y) + m * ep.N;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; n + 8 <= n1; n += 8) _mm256_storeu_ps(y + n, gelu_tanh(_mm256_loadu_ps(y + n)));
+#endif
+      for (; n < n1; ++n) y[n] = gelu_tanh(y[n]);
+    }
+  }
+}
 
 // Split the weight rows among threads and call rows(m0, rows_of_x, n0, n1, epilogue) per block of 8 rows of
 // x and tile of weight rows.
@@ -416,15 +481,30 @@ void tiled(int64_t M, int64_t N, int64_t row_bytes, const Epilogue& ep, const Ro
       for (size_t b = 0; b < blocks.size(); ++b) {
         const int64_t m0 = int64_t(b) * 8;
         rows(m0, std::min<int64_t>(8, M - m0), n0, n1, blocks[b]);
+        if (ep.gelu) activate(blocks[b], std::min<int64_t>(8, M - m0), n0, n1);
       }
     }
   });
 }
 
+// x normalized by `norm` into `buffer` (then fp32), or x itself.
+inline const void* normalized(const void* x, bool& x_bf16, int64_t M, int64_t K, const Norm& norm,
+                              std::vector<float>& buffer) {
+  if (norm.kind == NORM_NONE) return x;
+  buffer.resize(M * K);
+  if (x_bf16)
+    normalize_rows(static_cast<const uint16_t*>(x), M, K, norm, buffer.data());
+  else
+    normalize_rows(static_cast<const float*>(x), M, K, norm, buffer.data());
+  x_bf16 = false;  // rounded to bf16 already where x was bf16: the output keeps x's dtype (ep.out_bf16)
+  return buffer.data();
+}
+
 template <typename T>
-void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N, const Epilogue& ep) {
+void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N, const Epilogue& ep, const Norm& norm) {
+  std::vector<float> normed, xbuf;
+  x = normalized(x, x_bf16, M, K, norm, normed);
   const float* xf = static_cast<const float*>(x);
-  std::vector<float> xbuf;
   if (x_bf16 || vectors_per_load<T>() > 1) {
     xbuf.resize(M * K);
     if (x_bf16)
@@ -438,7 +518,10 @@ void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N
   });
 }
 
-void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, int64_t N, const Epilogue& ep) {
+void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, int64_t N, const Epilogue& ep,
+            const Norm& norm) {
+  std::vector<float> normed;
+  x = normalized(x, x_bf16, M, K, norm, normed);
   QuantizedX qx{std::vector<int16_t>(M * K), {}, (K + QB - 1) / QB};
   qx.scale.resize(M * qx.blocks);
   for (int64_t m = 0; m < M; ++m) {
@@ -452,29 +535,33 @@ void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, i
   });
 }
 
-// gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N): addresses as ints, 0 for "none".
-// y (M, N) and residual have x's dtype; scale is fp32 (N,) for int8 weights.
+// gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N, norm_weight, norm_bias, norm_eps): addresses as
+// ints, 0 for "none". y (M, N) and residual have x's dtype; scale is fp32 (N,) for int8 weights; the norm's
+// weight and bias (flags NORM_*) have x's dtype.
 PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 11) {
-    PyErr_SetString(PyExc_TypeError, "gemv expects 11 arguments");
+  if (nargs != 14) {
+    PyErr_SetString(PyExc_TypeError, "gemv expects 14 arguments");
     return nullptr;
   }
-  int64_t v[11];
-  for (int i = 0; i < 11; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  int64_t v[13];
+  for (int i = 0; i < 13; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  const double eps = PyFloat_AsDouble(args[13]);
   if (PyErr_Occurred()) return nullptr;
   const int64_t kind = v[0], flags = v[1], M = v[8], K = v[9], N = v[10];
   const void* x = reinterpret_cast<const void*>(v[2]);
   const void* w = reinterpret_cast<const void*>(v[3]);
   const bool x_bf16 = flags & X_BF16;
   Epilogue ep{reinterpret_cast<const float*>(v[4]), reinterpret_cast<const void*>(v[5]), bool(flags & BIAS_BF16),
-              reinterpret_cast<const void*>(v[6]), reinterpret_cast<void*>(v[7]), x_bf16, N};
+              reinterpret_cast<const void*>(v[6]), reinterpret_cast<void*>(v[7]), x_bf16, N, bool(flags & ACT_GELU_TANH)};
+  const Norm norm{flags & NORM_LAYERNORM ? NORM_LAYER : flags & NORM_RMSNORM ? NORM_RMS : NORM_NONE,
+                  reinterpret_cast<const void*>(v[11]), reinterpret_cast<const void*>(v[12]), float(eps)};
   if (M <= 0 || N <= 0) Py_RETURN_NONE;
   bool failed = false;
   Py_BEGIN_ALLOW_THREADS
   try {
-    if (kind == W_F32) run(x, x_bf16, M, K, static_cast<const float*>(w), N, ep);
-    else if (kind == W_BF16) run(x, x_bf16, M, K, static_cast<const uint16_t*>(w), N, ep);
-    else run_i8(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep);
+    if (kind == W_F32) run(x, x_bf16, M, K, static_cast<const float*>(w), N, ep, norm);
+    else if (kind == W_BF16) run(x, x_bf16, M, K, static_cast<const uint16_t*>(w), N, ep, norm);
+    else run_i8(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep, norm);
   } catch (const std::exception&) {
     failed = true;
   }
@@ -488,32 +575,36 @@ PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 #include "attention.h"
 
-// attend(bf16, q, keys, values, y, H, KV, L, D, start, end, scale): addresses as ints, scale a float.
+// attend(bf16, q, keys, values, k_new, v_new, y, H, KV, L, D, start, end, scale): addresses as ints (k_new and
+// v_new 0 for "none"), scale a float.
 PyObject* attend_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 12) {
-    PyErr_SetString(PyExc_TypeError, "attend expects 12 arguments");
+  if (nargs != 14) {
+    PyErr_SetString(PyExc_TypeError, "attend expects 14 arguments");
     return nullptr;
   }
-  int64_t v[11];
-  for (int i = 0; i < 11; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
-  const double scale = PyFloat_AsDouble(args[11]);
+  int64_t v[13];
+  for (int i = 0; i < 13; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  const double scale = PyFloat_AsDouble(args[13]);
   if (PyErr_Occurred()) return nullptr;
-  const int64_t H = v[5], KV = v[6], L = v[7], D = v[8], start = v[9], end = v[10];
-  if (H <= 0 || KV <= 0 || H % KV || D <= 0 || start < 0 || end <= start || end > L) {
+  const int64_t H = v[7], KV = v[8], L = v[9], D = v[10], start = v[11], end = v[12];
+  if (H <= 0 || KV <= 0 || H % KV || D <= 0 || start < 0 || end <= start || end > L || bool(v[4]) != bool(v[5])) {
     PyErr_SetString(PyExc_ValueError, "attend: bad sizes");
     return nullptr;
   }
   bool failed = false;
   Py_BEGIN_ALLOW_THREADS
   try {
-    if (v[0])
-      attend(reinterpret_cast<const uint16_t*>(v[1]), reinterpret_cast<const uint16_t*>(v[2]),
-             reinterpret_cast<const uint16_t*>(v[3]), reinterpret_cast<uint16_t*>(v[4]), H, KV, L, D, start, end,
-             float(scale));
-    else
-      attend(reinterpret_cast<const float*>(v[1]), reinterpret_cast<const float*>(v[2]),
-             reinterpret_cast<const float*>(v[3]), reinterpret_cast<float*>(v[4]), H, KV, L, D, start, end,
-             float(scale));
+    if (v[0]) {
+      using T = uint16_t;
+      attend(reinterpret_cast<const T*>(v[1]), reinterpret_cast<T*>(v[2]), reinterpret_cast<T*>(v[3]),
+             reinterpret_cast<const T*>(v[4]), reinterpret_cast<const T*>(v[5]), reinterpret_cast<T*>(v[6]), H, KV, L,
+             D, start, end, float(scale));
+    } else {
+      using T = float;
+      attend(reinterpret_cast<const T*>(v[1]), reinterpret_cast<T*>(v[2]), reinterpret_cast<T*>(v[3]),
+             reinterpret_cast<const T*>(v[4]), reinterpret_cast<const T*>(v[5]), reinterpret_cast<T*>(v[6]), H, KV, L,
+             D, start, end, float(scale));
+    }
   } catch (const std::exception&) {
     failed = true;
   }
@@ -527,9 +618,9 @@ PyObject* attend_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef methods[] = {
     {"gemv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(gemv_entry)), METH_FASTCALL,
-     "gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N)"},
+     "gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N, norm_weight, norm_bias, norm_eps)"},
     {"attend", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attend_entry)), METH_FASTCALL,
-     "attend(bf16, q, keys, values, y, H, KV, L, D, start, end, scale)"},
+     "attend(bf16, q, keys, values, k_new, v_new, y, H, KV, L, D, start, end, scale)"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define LMF_STR2(a) #a
