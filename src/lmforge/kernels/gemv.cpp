@@ -216,8 +216,44 @@ struct Epilogue {
 };
 
 // Rows [n0, n1) of y for the M (<= 8) rows of x.
+// dot(w, x) for one row of x, the weight row read as one sequential stream of 64-byte lines, each into its
+// own sums, one prefetch per line well ahead. For bf16 weights and one row of x this streams 1.15-1.2x
+// faster than dot_rows' interleaved rows (measured on the 2-core EPYC; fp32: 0.96x, so it keeps dot_rows).
+template <typename T>
+inline float dot_row_seq(const float* x, int64_t K, const T* w) {
+  constexpr int B = vectors_per_load<T>(), S = B * VW, PER_LINE = 64 / int(sizeof(T)), LOADS = PER_LINE / S;
+  vf acc[LOADS][B];
+  LMF_UNROLL for (int l = 0; l < LOADS; ++l)
+    LMF_UNROLL for (int b = 0; b < B; ++b) acc[l][b] = vzero();
+  const int64_t ahead = std::max<int64_t>(16384 / int64_t(sizeof(T)), K);
+  int64_t k = 0;
+  for (; k + PER_LINE <= K; k += PER_LINE) {
+    lmf_prefetch(w + ahead + k);
+    LMF_UNROLL for (int l = 0; l < LOADS; ++l) {
+      vf wv[B];
+      wload(w + k + l * S, wv);
+      LMF_UNROLL for (int b = 0; b < B; ++b) acc[l][b] = vfma(wv[b], vload(x + k + l * S + b * VW), acc[l][b]);
+    }
+  }
+  for (; k + S <= K; k += S) {
+    vf wv[B];
+    wload(w + k, wv);
+    LMF_UNROLL for (int b = 0; b < B; ++b) acc[0][b] = vfma(wv[b], vload(x + k + b * VW), acc[0][b]);
+  }
+  vf total = vzero();
+  LMF_UNROLL for (int l = 0; l < LOADS; ++l)
+    LMF_UNROLL for (int b = 0; b < B; ++b) total = vadd(total, acc[l][b]);
+  float s = vsum(total);
+  for (; k < K; ++k) s += to_f32(w[k]) * x[k];
+  return s;
+}
+
 template <typename T, int M>
 void gemv_range(const float* x, int64_t K, const T* w, int64_t n0, int64_t n1, const Epilogue& ep) {
+  if (M == 1 && std::is_same<T, uint16_t>::value) {
+    for (int64_t n = n0; n < n1; ++n) ep.store(0, n, dot_row_seq<T>(x, K, w + n * K));
+    return;
+  }
   constexpr int R = rows_per_step<M>(), U = unroll<M>();
   float out[R * M];
   int64_t n = n0;
