@@ -3,11 +3,12 @@ odd shapes, the row cut-off, the fallbacks (LMFORGE_KERNELS=0, no compiler, a fa
 inputs, autograd) and the errors.
 
 Tolerances: fp32 outputs may differ from the exact sum by the fp32 accumulation error, bounded here by
-4e-5 * sum|x_k w_k| (K <= 1100 summed in 8-lane vectors, unit roundoff 6e-8; any lost or doubled term is far larger). bf16 outputs
-are that fp32 sum rounded once to bf16, which has 8 significant bits: at most half an ulp, i.e.
-2**-8 * |y| relative, on top of the same accumulation bound. The compiled int8 kernel first rounds each
-row of x to int16 in blocks of 256 entries, each block scaled by its largest |x| / 32767: every entry moves
-by at most half a step, 1/65534 of its block's largest, which adds sum_k |w_k| * that to the bound.
+4e-5 * sum|x_k w_k| (K <= 1100 summed in 8-lane vectors, unit roundoff 6e-8; any lost or doubled term is
+far larger). bf16 outputs are that fp32 sum rounded once to bf16, which has 8 significant bits: at most
+half an ulp, i.e. 2**-8 * |y| relative, on top of the same accumulation bound. The compiled int8 kernel
+first rounds each row of x to int16 in blocks of 256 entries, each block scaled by its largest |x| / 32767:
+every entry moves by at most half a step, 1/65534 of its block's largest, which adds sum_k |w_k| * that
+to the bound.
 """
 
 from __future__ import annotations
