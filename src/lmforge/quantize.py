@@ -4,7 +4,9 @@ The scheme (as gpt-fast and torchao's int8 weight-only): for each output channel
 (out, in), s_i = max_j |W_ij| / 127 and q_ij = clamp(round(W_ij / s_i), -127, 127), so |W - q s| <= s / 2
 element-wise; a zero row gets s_i = 1 (q = 0, no division by zero). Scales are fp32; the bias stays
 in the model's float dtype; activations stay in the model's float dtype (fp32, bf16) and the product
-y = (x @ q^T) * s + b runs through lmforge.kernels.int8_linear. quantize_model replaces every
+y = (x @ q^T) * s + b runs through lmforge.kernels.int8_linear (its compiled CPU kernel rounds x to
+int16 per block of 256 entries and multiplies in integers, within 1/65534 of each block's largest
+entry; the torch path multiplies in float). quantize_model replaces every
 nn.Linear, the LM head included; the token embedding stays float, so its lookup (one row per token) is
 exact, and a tied LM head gets its own int8 copy of the embedding matrix (the tie is gone: the head is
 int8, the embedding float).

@@ -1,12 +1,15 @@
-// y = x @ W^T (+ bias) (+ residual) for a few rows of x: the matrix-vector products of batch-1 decoding.
+// y = act(norm(x) @ W^T (+ bias)) (+ residual) for a few rows of x: the matrix-vector products of batch-1
+// decoding, with the norm before them and the activation after them fused in; and (attention.h) the
+// attention of one query over a sequence's cache.
 //
 // W is row-major (N, K) in fp32, bf16 or int8 (with a per-row fp32 scale); x is fp32 or bf16 (converted
-// once to fp32). Every weight row is read exactly once for all M rows of x, R rows at a time so that each
-// x vector loaded feeds R fused multiply-adds; sums are kept in fp32 and rounded once at the end
+// once to fp32, or for int8 weights rounded to int16 per block: see "int8 weights"). Every weight row is
+// read exactly once for all M rows of x: fp32 R rows at a time so that each x vector loaded feeds R fused
+// multiply-adds, bf16 and int8 one row after another; sums are kept in fp32 and rounded once at the end
 // (round-to-nearest-even for bf16, as c10::BFloat16 does). Threads: at::parallel_for over output rows, i.e.
-// torch's own intra-op pool. Built by lmforge/kernels/_build.py with -O3 -march=native.
+// torch's own intra-op pool. Built by lmforge/kernels/_build.py with -O2 -march=native.
 //
-// The entry point takes raw addresses and sizes (lmforge/kernels/__init__.py checks every tensor first):
+// The entry points take raw addresses and sizes (lmforge/kernels/__init__.py checks every tensor first):
 // plain Python C API and ATen/Parallel.h only, because torch/extension.h and pybind11 take minutes of
 // compiling for a few hundred lines of kernel.
 #include <Python.h>
