@@ -29,7 +29,8 @@ from lmforge.checkpoint import load_pretrained, save_pretrained as save_checkpoi
 from lmforge.checkpoint import load_weights as copy_weights_from
 from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
-from lmforge.kernels import Activation, Gemv, Norm, OneQueryAttention, available as kernels_available, bind, linear as kernel_linear
+from lmforge.kernels import Activation, Gemv, Norm, OneQueryAttention, bind
+from lmforge.kernels import available as kernels_available, linear as kernel_linear
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
