@@ -324,7 +324,7 @@ void quantize_row(const X* x, int64_t K, int16_t* q, float* scale) {
   }
 }
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && defined(__FMA__)
 constexpr int QW = 16;  // int16 lanes of one step
 using vi = __m256i;
 inline vi izero() { return _mm256_setzero_si256(); }
@@ -344,12 +344,7 @@ inline vi imadd(vi w, const int16_t* x, vi acc) {
 using vsf = __m256;  // the fp32 block sums
 inline vsf szero() { return _mm256_setzero_ps(); }
 inline vsf sfma(vi a, float s, vsf acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), acc); }
-inline float ssum(vsf a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline float ssum(vsf a) { return sum8(a); }
 #else
 constexpr int QW = 1;
 using vi = int32_t;
