@@ -161,15 +161,15 @@ class Gemv:
                 return y
         if self.norm is not None:
             x = self.norm.apply(x)
-        later = residual if self.activation is not None else None  # added after the activation
+        inner = residual if self.activation is None else None  # with an activation, added after it
         if self.scale is None:
-            y = _torch_linear(x, self.weight, self.bias, None if later is not None else residual)
+            y = _torch_linear(x, self.weight, self.bias, inner)
         else:
-            y = _torch_int8_linear(x, self.weight, self.scale, self.bias, None if later is not None else residual)
+            y = _torch_int8_linear(x, self.weight, self.scale, self.bias, inner)
         if self.activation is not None:
             y = self.activation.apply(y)
-            if later is not None:
-                y = y + later
+            if residual is not None:
+                y = y + residual
         return y if out is None else out.copy_(y)
 
 

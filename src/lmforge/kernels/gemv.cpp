@@ -218,7 +218,6 @@ struct Epilogue {
   }
 };
 
-// Rows [n0, n1) of y for the M (<= 8) rows of x.
 // dot(w, x) for one row of x, the weight row read as one sequential stream of 64-byte lines, each into its
 // own sums, one prefetch per line well ahead. For bf16 weights and one row of x this streams 1.15-1.2x
 // faster than dot_rows' interleaved rows (measured on the 2-core EPYC; fp32: 0.96x, so it keeps dot_rows).
@@ -251,6 +250,7 @@ inline float dot_row_seq(const float* x, int64_t K, const T* w) {
   return s;
 }
 
+// Rows [n0, n1) of y for the M (<= 8) rows of x.
 template <typename T, int M>
 void gemv_range(const float* x, int64_t K, const T* w, int64_t n0, int64_t n1, const Epilogue& ep) {
   if (M == 1 && std::is_same<T, uint16_t>::value) {
@@ -433,9 +433,8 @@ enum { X_BF16 = 1, BIAS_BF16 = 2, NORM_LAYERNORM = 4, NORM_RMSNORM = 8, ACT_GELU
 // dtype, as the separate module's output would be. LayerNorm: (x - mean) / sqrt(var + eps) * g + b;
 // RMSNorm: round(x / sqrt(mean(x^2) + eps)) * g, the weight multiply in x's dtype (transformers' order).
 // g and b have x's dtype. Sums in double: exact enough that only the final rounding remains.
-enum { NORM_NONE = 0, NORM_LAYER = 1, NORM_RMS = 2 };
 struct Norm {
-  int kind;
+  int64_t kind;  // NORM_LAYERNORM, NORM_RMSNORM or 0 (none)
   const void* weight;  // (K,)
   const void* bias;    // (K,) or null (LayerNorm only)
   float eps;
@@ -450,7 +449,7 @@ void normalize_rows(const X* x, int64_t M, int64_t K, const Norm& norm, float* o
   for (int64_t m = 0; m < M; ++m) {
     const X* xm = x + m * K;
     float* om = out + m * K;
-    if (norm.kind == NORM_LAYER) {
+    if (norm.kind == NORM_LAYERNORM) {
       double sum = 0, squares = 0;
       for (int64_t k = 0; k < K; ++k) sum += to_f32(xm[k]);
       const double mean = sum / K;
@@ -524,7 +523,7 @@ void tiled(int64_t M, int64_t N, int64_t row_bytes, const Epilogue& ep, const Ro
 // x normalized by `norm` into `buffer` (then fp32), or x itself.
 inline const void* normalized(const void* x, bool& x_bf16, int64_t M, int64_t K, const Norm& norm,
                               std::vector<float>& buffer) {
-  if (norm.kind == NORM_NONE) return x;
+  if (!norm.kind) return x;
   buffer.resize(M * K);
   if (x_bf16)
     normalize_rows(static_cast<const uint16_t*>(x), M, K, norm, buffer.data());
@@ -569,85 +568,83 @@ void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, i
   });
 }
 
+// The entry points' arguments: n - 1 integers (addresses, sizes, flags) then one float; false with a Python
+// error set when they do not parse.
+bool parse_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t n, int64_t* ints, double* last) {
+  if (nargs != n) {
+    PyErr_Format(PyExc_TypeError, "%s expects %zd arguments", name, n);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i + 1 < n; ++i) ints[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  *last = PyFloat_AsDouble(args[n - 1]);
+  return !PyErr_Occurred();
+}
+
+// work() with the GIL released (the kernels touch no Python object); a C++ exception becomes a RuntimeError.
+template <typename Work>
+PyObject* without_gil(const char* name, const Work& work) {
+  bool failed = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    work();
+  } catch (const std::exception&) {
+    failed = true;
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) {
+    PyErr_Format(PyExc_RuntimeError, "lmforge kernels: %s failed", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N, norm_weight, norm_bias, norm_eps): addresses as
 // ints, 0 for "none". y (M, N) and residual have x's dtype; scale is fp32 (N,) for int8 weights; the norm's
 // weight and bias (flags NORM_*) have x's dtype.
 PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 14) {
-    PyErr_SetString(PyExc_TypeError, "gemv expects 14 arguments");
-    return nullptr;
-  }
   int64_t v[13];
-  for (int i = 0; i < 13; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
-  const double eps = PyFloat_AsDouble(args[13]);
-  if (PyErr_Occurred()) return nullptr;
+  double eps;
+  if (!parse_args("gemv", args, nargs, 14, v, &eps)) return nullptr;
   const int64_t kind = v[0], flags = v[1], M = v[8], K = v[9], N = v[10];
   const void* x = reinterpret_cast<const void*>(v[2]);
   const void* w = reinterpret_cast<const void*>(v[3]);
   const bool x_bf16 = flags & X_BF16;
   Epilogue ep{reinterpret_cast<const float*>(v[4]), reinterpret_cast<const void*>(v[5]), bool(flags & BIAS_BF16),
               reinterpret_cast<const void*>(v[6]), reinterpret_cast<void*>(v[7]), x_bf16, N, bool(flags & ACT_GELU_TANH)};
-  const Norm norm{flags & NORM_LAYERNORM ? NORM_LAYER : flags & NORM_RMSNORM ? NORM_RMS : NORM_NONE,
-                  reinterpret_cast<const void*>(v[11]), reinterpret_cast<const void*>(v[12]), float(eps)};
+  const Norm norm{flags & (NORM_LAYERNORM | NORM_RMSNORM), reinterpret_cast<const void*>(v[11]),
+                  reinterpret_cast<const void*>(v[12]), float(eps)};
   if (M <= 0 || N <= 0) Py_RETURN_NONE;
-  bool failed = false;
-  Py_BEGIN_ALLOW_THREADS
-  try {
+  return without_gil("gemv", [&] {
     if (kind == W_F32) run(x, x_bf16, M, K, static_cast<const float*>(w), N, ep, norm);
     else if (kind == W_BF16) run(x, x_bf16, M, K, static_cast<const uint16_t*>(w), N, ep, norm);
     else run_i8(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep, norm);
-  } catch (const std::exception&) {
-    failed = true;
-  }
-  Py_END_ALLOW_THREADS
-  if (failed) {
-    PyErr_SetString(PyExc_RuntimeError, "lmforge kernels: gemv failed");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  });
 }
 
 #include "attention.h"
 
+template <typename T>
+void attend_addresses(const int64_t* v, float scale) {
+  attend(reinterpret_cast<const T*>(v[1]), reinterpret_cast<T*>(v[2]), reinterpret_cast<T*>(v[3]),
+         reinterpret_cast<const T*>(v[4]), reinterpret_cast<const T*>(v[5]), reinterpret_cast<T*>(v[6]), v[7], v[8],
+         v[9], v[10], v[11], v[12], scale);
+}
+
 // attend(bf16, q, keys, values, k_new, v_new, y, H, KV, L, D, start, end, scale): addresses as ints (k_new and
 // v_new 0 for "none"), scale a float.
 PyObject* attend_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 14) {
-    PyErr_SetString(PyExc_TypeError, "attend expects 14 arguments");
-    return nullptr;
-  }
   int64_t v[13];
-  for (int i = 0; i < 13; ++i) v[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
-  const double scale = PyFloat_AsDouble(args[13]);
-  if (PyErr_Occurred()) return nullptr;
+  double scale;
+  if (!parse_args("attend", args, nargs, 14, v, &scale)) return nullptr;
   const int64_t H = v[7], KV = v[8], L = v[9], D = v[10], start = v[11], end = v[12];
   if (H <= 0 || KV <= 0 || H % KV || D <= 0 || start < 0 || end <= start || end > L || bool(v[4]) != bool(v[5])) {
     PyErr_SetString(PyExc_ValueError, "attend: bad sizes");
     return nullptr;
   }
-  bool failed = false;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    if (v[0]) {
-      using T = uint16_t;
-      attend(reinterpret_cast<const T*>(v[1]), reinterpret_cast<T*>(v[2]), reinterpret_cast<T*>(v[3]),
-             reinterpret_cast<const T*>(v[4]), reinterpret_cast<const T*>(v[5]), reinterpret_cast<T*>(v[6]), H, KV, L,
-             D, start, end, float(scale));
-    } else {
-      using T = float;
-      attend(reinterpret_cast<const T*>(v[1]), reinterpret_cast<T*>(v[2]), reinterpret_cast<T*>(v[3]),
-             reinterpret_cast<const T*>(v[4]), reinterpret_cast<const T*>(v[5]), reinterpret_cast<T*>(v[6]), H, KV, L,
-             D, start, end, float(scale));
-    }
-  } catch (const std::exception&) {
-    failed = true;
-  }
-  Py_END_ALLOW_THREADS
-  if (failed) {
-    PyErr_SetString(PyExc_RuntimeError, "lmforge kernels: attend failed");
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  return without_gil("attend", [&] {
+    if (v[0]) attend_addresses<uint16_t>(v, float(scale));
+    else attend_addresses<float>(v, float(scale));
+  });
 }
 
 PyMethodDef methods[] = {
