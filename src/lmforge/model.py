@@ -31,6 +31,7 @@ from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
 from lmforge.kernels import Activation, Gemv, Norm, OneQueryAttention, bind
 from lmforge.kernels import available as kernels_available, linear as kernel_linear
+from lmforge.kernels.fused import qkv_heads, swiglu
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
@@ -343,13 +344,12 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        H, KV = self.n_head, self.n_kv_head
-        # [Q | K | V] -> (B, H, T, D) and twice (B, KV, T, D) views in as few operations as possible:
-        # a decoded token pays for each one about as much as for a kernel.
-        qkv = self.c_attn(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            rope = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
-        q, k, v = self._rotate(qkv, rope, dim=1)
+        H = self.n_head
+        qkv = self.c_attn(x)  # (B, T, (H + 2 KV) D)
+        if self.qk_norm:
+            q, k, v = self._split_heads(qkv, rope)
+        else:  # the compiled single pass where it applies (lmforge.kernels.fused), else the same equations
+            q, k, v = qkv_heads(qkv, H, self.n_kv_head, rope, self._split_heads)
         if isinstance(kv_cache, PackedKVCache):
             y = kv_cache.attend(self.layer_idx, q, k, v, self._attend)
         else:
@@ -358,6 +358,15 @@ class CausalSelfAttention(nn.Module):
             y = self._attend(q, k, v, mask, is_causal)
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # Concat(head_1..head_h)
         return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
+
+    def _split_heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        """[Q | K | V] (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), rotated, as views where
+        possible: a decoded token pays for each operation about as much as for a kernel."""
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            rope = rope[0][:, None], rope[1][:, None]  # (B, 1, T, D)
+        return self._rotate(qkv, rope, dim=1)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -494,12 +503,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
+        if not self.gated:
             h = self.act(h)
+        elif isinstance(self.act, nn.SiLU):  # SwiGLU: the compiled single pass where it applies
+            h = swiglu(h, self._gate)
+        else:
+            h = self._gate(h)
         return _dropout(self.c_proj(h), self.resid_pdrop, self.training)
+
+    def _gate(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up for h = [gate | up]."""
+        gate, up = h.chunk(2, dim=-1)
+        return self.act(gate) * up
 
     def row_step(self, norm: nn.Module) -> RowStep:
         """x -> x + MLP(norm(x)) on (C,) vectors (see GPT.row_step)."""

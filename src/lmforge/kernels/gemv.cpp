@@ -1,6 +1,7 @@
 // y = act(norm(x) @ W^T (+ bias)) (+ residual) for a few rows of x: the matrix-vector products of batch-1
 // decoding, with the norm before them and the activation after them fused in; and (attention.h) the
-// attention of one query over a sequence's cache.
+// attention of one query over a sequence's cache; and (fused.h) the SwiGLU and rotary passes of the batched
+// forward and its backward.
 //
 // W is row-major (N, K) in fp32, bf16 or int8 (with a per-row fp32 scale); x is fp32 or bf16 (converted
 // once to fp32, or for int8 weights rounded to int16 per block: see "int8 weights"). Every weight row is
@@ -568,15 +569,16 @@ void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, i
   });
 }
 
-// The entry points' arguments: n - 1 integers (addresses, sizes, flags) then one float; false with a Python
-// error set when they do not parse.
+// The entry points' arguments: n - 1 integers (addresses, sizes, flags) then one float (none where `last` is
+// null: n integers); false with a Python error set when they do not parse.
 bool parse_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t n, int64_t* ints, double* last) {
   if (nargs != n) {
     PyErr_Format(PyExc_TypeError, "%s expects %zd arguments", name, n);
     return false;
   }
-  for (Py_ssize_t i = 0; i + 1 < n; ++i) ints[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
-  *last = PyFloat_AsDouble(args[n - 1]);
+  const Py_ssize_t n_ints = last ? n - 1 : n;
+  for (Py_ssize_t i = 0; i < n_ints; ++i) ints[i] = static_cast<int64_t>(PyLong_AsLongLong(args[i]));
+  if (last) *last = PyFloat_AsDouble(args[n - 1]);
   return !PyErr_Occurred();
 }
 
@@ -647,11 +649,44 @@ PyObject* attend_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   });
 }
 
+#include "fused.h"
+
+// swiglu(backward, h, dy, out, rows, I): addresses as ints (dy 0 in the forward); see fused.h.
+PyObject* swiglu_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t v[6];
+  if (!parse_args("swiglu", args, nargs, 6, v, nullptr)) return nullptr;
+  if (v[4] <= 0 || v[5] <= 0) Py_RETURN_NONE;
+  return without_gil("swiglu", [&] {
+    swiglu(v[0], reinterpret_cast<const float*>(v[1]), reinterpret_cast<const float*>(v[2]), reinterpret_cast<float*>(v[3]),
+           v[4], v[5]);
+  });
+}
+
+// heads(backward, qkv, q, k, v, cos, sin, B, T, H, KV, D, cos_batches): addresses as ints (cos and sin 0 for no
+// rotation); see fused.h.
+PyObject* heads_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t v[13];
+  if (!parse_args("heads", args, nargs, 13, v, nullptr)) return nullptr;
+  const Heads p{reinterpret_cast<float*>(v[1]), reinterpret_cast<float*>(v[2]), reinterpret_cast<float*>(v[3]),
+                reinterpret_cast<float*>(v[4]), reinterpret_cast<const float*>(v[5]), reinterpret_cast<const float*>(v[6]),
+                v[7], v[8], v[9], v[10], v[11], v[12]};
+  if (p.H <= 0 || p.KV <= 0 || p.D <= 0 || p.D % 2 || bool(p.cos) != bool(p.sin)) {
+    PyErr_SetString(PyExc_ValueError, "heads: bad sizes");
+    return nullptr;
+  }
+  if (p.B <= 0 || p.T <= 0) Py_RETURN_NONE;
+  return without_gil("heads", [&] { heads(v[0], p); });
+}
+
 PyMethodDef methods[] = {
     {"gemv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(gemv_entry)), METH_FASTCALL,
      "gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N, norm_weight, norm_bias, norm_eps)"},
     {"attend", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attend_entry)), METH_FASTCALL,
      "attend(bf16, q, keys, values, k_new, v_new, y, H, KV, L, D, start, end, scale)"},
+    {"swiglu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(swiglu_entry)), METH_FASTCALL,
+     "swiglu(backward, h, dy, out, rows, I)"},
+    {"heads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(heads_entry)), METH_FASTCALL,
+     "heads(backward, qkv, q, k, v, cos, sin, B, T, H, KV, D, cos_batches)"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define LMF_STR2(a) #a
@@ -659,7 +694,7 @@ PyMethodDef methods[] = {
 #define LMF_CAT2(a, b) a##b
 #define LMF_CAT(a, b) LMF_CAT2(a, b)
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU kernels: gemv, one-query attention", -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU kernels: gemv, one-query attention, fused elementwise passes", -1, methods};
 
 }  // namespace
 
