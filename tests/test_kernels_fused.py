@@ -91,17 +91,15 @@ def _config(n_head: int, n_kv_head: int, head_dim: int):
 
 
 @pytest.mark.parametrize("n_head,n_kv_head,head_dim,rope_batches", [
-    (4, 4, 32, 1), (4, 2, 16, 2), (6, 1, 10, 1), (2, 2, 8, 2), (3, 3, 6, 0)])  # MHA, GQA, MQA, tails, no rope
+    (4, 4, 32, 1), (4, 2, 16, 2), (6, 1, 10, 1), (2, 2, 8, 2)])  # MHA, GQA, MQA, tails
 def test_heads_equal_the_split_and_rotation_bit_for_bit(compiled, n_head, n_kv_head, head_dim, rope_batches):
     torch.manual_seed(0)
     config = _config(n_head, n_kv_head, head_dim)
     attn = CausalSelfAttention(config, 0)
     B, T = 2, 7
     qkv = torch.randn(B, T, (n_head + 2 * n_kv_head) * head_dim, requires_grad=True)
-    rope = None
-    if rope_batches:  # per-row positions (left padding) or one set for the batch
-        positions = torch.arange(T)[None] + torch.arange(rope_batches)[:, None]
-        rope = rope_cos_sin(rope_inverse_frequencies(config), positions, torch.float32)
+    positions = torch.arange(T)[None] + torch.arange(rope_batches)[:, None]  # per row (left padding) or shared
+    rope = rope_cos_sin(rope_inverse_frequencies(config), positions, torch.float32)
     got = fused.qkv_heads(qkv, n_head, n_kv_head, rope, attn._split_heads)
     want = attn._split_heads(qkv, rope)
     assert compiled.calls["heads"] == 1
@@ -120,8 +118,8 @@ def test_heads_equal_the_split_and_rotation_bit_for_bit(compiled, n_head, n_kv_h
 def test_heads_fall_back_where_the_pass_does_not_apply(compiled):
     qkv = torch.randn(1, 3, 48)
     rope = rope_cos_sin(rope_inverse_frequencies(_config(2, 2, 8)), torch.arange(3)[None], torch.float32)
-    cases = [(qkv.to(torch.bfloat16), None), (torch.randn(3, 2, 48).transpose(0, 1), None), (qkv[..., :40], None),
-             (qkv, (rope[0][:, :2], rope[1][:, :2]))]  # dtype, layout, width, rope of another length
+    cases = [(qkv.to(torch.bfloat16), rope), (torch.randn(3, 2, 48).transpose(0, 1), rope), (qkv[..., :40], rope),
+             (qkv, (rope[0][:, :2], rope[1][:, :2])), (qkv, None)]  # dtype, layout, width, rope's length, no rope
     for x, r in cases:
         calls = []
         fused.qkv_heads(x, 2, 2, r, lambda *a: calls.append(a) or (x, x, x))

@@ -102,8 +102,8 @@ inline void rotate_head(bool backward, const float* x, const float* cos, const f
 #endif
 
 // The projected heads of B x T positions, qkv (B, T, H + 2 KV, D), against q (B, H, T, D), k and v (B, KV, T, D),
-// all contiguous. Forward: qkv -> q, k, v, with q and k rotated where cos is given (cos, sin: (Bc, T, D), Bc 1
-// or B). Backward: dq, dk, dv -> dqkv, rotated back.
+// all contiguous. Forward: qkv -> q, k, v, q and k rotated by (cos, sin), each (Bc, T, D), Bc 1 or B. Backward:
+// dq, dk, dv -> dqkv, rotated back.
 struct Heads {
   float* qkv;
   float* q;
@@ -127,7 +127,7 @@ void heads(bool backward, const Heads& p) {
                     : p.v + ((b * p.KV + h - p.H - p.KV) * T + t) * D;
         const float* from = backward ? head : row + h * D;
         float* to = backward ? row + h * D : head;
-        if (p.cos && h < p.H + p.KV)
+        if (h < p.H + p.KV)
           rotate_head(backward, from, p.cos + angles, p.sin + angles, to, D);
         else
           std::memcpy(to, from, D * sizeof(float));

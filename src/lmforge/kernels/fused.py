@@ -59,46 +59,43 @@ def swiglu(h: torch.Tensor, reference: Callable[[torch.Tensor], torch.Tensor]) -
 
 class _Heads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, n_head: int,
-                n_kv_head: int) -> Tensors3:
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv_head: int) -> Tensors3:
         B, T, width = qkv.shape
         D = width // (n_head + 2 * n_kv_head)
         q = qkv.new_empty(B, n_head, T, D)
         k, v = qkv.new_empty(B, n_kv_head, T, D), qkv.new_empty(B, n_kv_head, T, D)
-        rope = (cos.data_ptr(), sin.data_ptr(), cos.shape[0]) if cos is not None else (0, 0, 1)
-        _build.ops().heads(0, qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), rope[0], rope[1],
-                           B, T, n_head, n_kv_head, D, rope[2])
-        ctx.rope, ctx.shape = (cos, sin) if cos is not None else None, (B, T, n_head, n_kv_head, D)
+        _build.ops().heads(0, qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                           B, T, n_head, n_kv_head, D, cos.shape[0])
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = (B, T, n_head, n_kv_head, D)
         return q, k, v
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dq, dk, dv):
         B, T, H, KV, D = ctx.shape
+        cos, sin = ctx.saved_tensors
         grads = [torch.zeros(B, n, T, D) if g is None else g.contiguous() for g, n in ((dq, H), (dk, KV), (dv, KV))]
         dqkv = grads[0].new_empty(B, T, (H + 2 * KV) * D)
-        cos, sin = ctx.rope if ctx.rope is not None else (None, None)
-        _build.ops().heads(1, dqkv.data_ptr(), *(g.data_ptr() for g in grads), 0 if cos is None else cos.data_ptr(),
-                           0 if sin is None else sin.data_ptr(), B, T, H, KV, D, 1 if cos is None else cos.shape[0])
+        _build.ops().heads(1, dqkv.data_ptr(), *(g.data_ptr() for g in grads), cos.data_ptr(), sin.data_ptr(),
+                           B, T, H, KV, D, cos.shape[0])
         return dqkv, None, None, None, None
 
 
 def qkv_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
               reference: Callable[[torch.Tensor, tuple | None], Tensors3]) -> Tensors3:
     """The fused projection's output qkv (B, T, (n_head + 2 n_kv_head) D) as q (B, n_head, T, D) and k, v
-    (B, n_kv_head, T, D), q and k rotated by rope = (cos, sin), each (B or 1, T, D), where given: the
-    compiled pass (new contiguous tensors), or `reference(qkv, rope)`."""
-    B, T = qkv.shape[:2] if qkv.dim() == 3 else (0, 0)
+    (B, n_kv_head, T, D), q and k rotated by rope = (cos, sin), each (B or 1, T, D): the compiled pass (new
+    contiguous tensors), or `reference(qkv, rope)` (always without rope)."""
     width = n_head + 2 * n_kv_head
-    if (qkv.dim() != 3 or qkv.shape[-1] % width or (qkv.shape[-1] // width) % 2 or not qkv.is_contiguous()
-            or qkv.numel() == 0 or _compiled(qkv, *(rope or ())) is None):
+    # Without rotary positions the reference's views cost nothing: the pass would only copy.
+    if (rope is None or qkv.dim() != 3 or qkv.shape[-1] % width or (qkv.shape[-1] // width) % 2
+            or not qkv.is_contiguous() or qkv.numel() == 0 or _compiled(qkv, *rope) is None):
         return reference(qkv, rope)
-    cos = sin = None
-    if rope is not None:
-        cos, sin = (t.contiguous() for t in rope)
-        D = qkv.shape[-1] // width
-        if (cos.requires_grad or sin.requires_grad or cos.shape != sin.shape or cos.dim() != 3
-                or cos.shape[0] not in (1, B) or cos.shape[1:] != (T, D)):
-            return reference(qkv, rope)
+    B, T, D = qkv.shape[0], qkv.shape[1], qkv.shape[-1] // width
+    cos, sin = (t.contiguous() for t in rope)
+    if (cos.requires_grad or sin.requires_grad or cos.shape != sin.shape or cos.dim() != 3
+            or cos.shape[0] not in (1, B) or cos.shape[1:] != (T, D)):
+        return reference(qkv, rope)
     return _Heads.apply(qkv, cos, sin, n_head, n_kv_head)
 

@@ -662,15 +662,14 @@ PyObject* swiglu_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   });
 }
 
-// heads(backward, qkv, q, k, v, cos, sin, B, T, H, KV, D, cos_batches): addresses as ints (cos and sin 0 for no
-// rotation); see fused.h.
+// heads(backward, qkv, q, k, v, cos, sin, B, T, H, KV, D, cos_batches): addresses as ints; see fused.h.
 PyObject* heads_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t v[13];
   if (!parse_args("heads", args, nargs, 13, v, nullptr)) return nullptr;
   const Heads p{reinterpret_cast<float*>(v[1]), reinterpret_cast<float*>(v[2]), reinterpret_cast<float*>(v[3]),
                 reinterpret_cast<float*>(v[4]), reinterpret_cast<const float*>(v[5]), reinterpret_cast<const float*>(v[6]),
                 v[7], v[8], v[9], v[10], v[11], v[12]};
-  if (p.H <= 0 || p.KV <= 0 || p.D <= 0 || p.D % 2 || bool(p.cos) != bool(p.sin)) {
+  if (p.H <= 0 || p.KV <= 0 || p.D <= 0 || p.D % 2 || !p.cos || !p.sin || (p.cos_batches != 1 && p.cos_batches != p.B)) {
     PyErr_SetString(PyExc_ValueError, "heads: bad sizes");
     return nullptr;
   }
