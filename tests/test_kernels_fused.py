@@ -1,10 +1,13 @@
-"""lmforge.kernels.fused: the compiled SwiGLU and [Q | K | V] head passes, forward and backward, against the
-model's own equations (which are also the fallback), and the model's training step with and without them.
+"""lmforge.kernels.fused: the compiled SwiGLU and [Q | K | V] head passes and causal attention, forward and
+backward, against the model's own equations or SDPA (which are also the fallbacks), and the model's training
+step with and without them.
 
 The head split with rotary positions rounds each product before the sum as torch's separate kernels do,
 so it must give the same bits. SwiGLU uses its own exponential (about 1 ulp): its outputs and gradients
 may differ from torch's by a few fp32 ulps of the values involved, bounded here by 1e-6 relative to the
-largest magnitude (a wrong term or a missed element is of the order of the values themselves).
+largest magnitude (a wrong term or a missed element is of the order of the values themselves). Causal
+attention sums in a different order than SDPA: outputs and gradients are checked against SDPA in float64
+to 2e-5 of the largest magnitude (fp32 sums over at most a few hundred terms).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class Spy:
     """Counts the compiled module's fused calls (so a test knows which path ran)."""
 
     def __init__(self, real):
-        self.real, self.calls = real, {"swiglu": 0, "heads": 0}
+        self.real, self.calls = real, {"swiglu": 0, "heads": 0, "causal": 0}
 
     def swiglu(self, *args):
         self.calls["swiglu"] += 1
@@ -32,6 +35,10 @@ class Spy:
     def heads(self, *args):
         self.calls["heads"] += 1
         return self.real.heads(*args)
+
+    def causal(self, *args):
+        self.calls["causal"] += 1
+        return self.real.causal(*args)
 
 
 @pytest.fixture
@@ -127,6 +134,43 @@ def test_heads_fall_back_where_the_pass_does_not_apply(compiled):
     assert compiled.calls["heads"] == 0
 
 
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("B,H,KV,T,D", [
+    (2, 4, 4, 64, 32), (1, 4, 2, 17, 16), (2, 2, 2, 1, 8), (1, 2, 1, 130, 64), (2, 4, 2, 33, 128), (1, 6, 3, 7, 8),
+    (2, 3, 1, 70, 40)])  # MHA, GQA, MQA; one position; row blocks of 4 and vectors of 8 with tails
+def test_causal_attention_matches_sdpa(compiled, B, H, KV, T, D):
+    if not hasattr(compiled.real, "causal"):
+        pytest.skip("the causal kernel needs AVX2")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, n, T, D, dtype=torch.float64) for n in (H, KV, KV))
+    dy = torch.randn(B, H, T, D, dtype=torch.float64)
+    exact = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = _sdpa(*exact, 0.3)
+    want_grads = torch.autograd.grad(want, exact, dy)
+    ours = [t.float().requires_grad_() for t in (q, k, v)]
+    got = fused.causal_attention(*ours, 0.3, lambda: pytest.fail("took the reference"))
+    got_grads = torch.autograd.grad(got, ours, dy.float())
+    assert compiled.calls["causal"] == 2
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        assert (a.double() - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
+
+
+def test_causal_attention_falls_back_where_the_kernel_does_not_apply(compiled):
+    q = torch.randn(1, 2, 5, 8)
+    long = torch.randn(1, 2, fused.CAUSAL_MAX_T + 1, 8)
+    cases = [(q.double(), q.double()), (q[..., :6].contiguous(), q[..., :6].contiguous()),  # dtype, D not 8k
+             (q.transpose(2, 3).contiguous().transpose(2, 3), q), (long, long),  # layout, length
+             (q, torch.randn(1, 2, 4, 8))]  # keys of another length (a cache)
+    for query, key in cases:
+        calls = []
+        fused.causal_attention(query, key, key, 0.5, lambda: calls.append(1))
+        assert calls == [1]
+    assert compiled.calls["causal"] == 0
+
+
 def _train_step(model: lmforge.GPT, x: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     logits = model(x).logits
@@ -141,7 +185,7 @@ def test_a_training_step_is_the_same_with_and_without_the_passes(compiled, monke
     model = lmforge.GPT(lmforge.preset("llama-baby", vocab_size=65, n_positions=64, n_layer=2, n_kv_head=n_kv_head))
     x = torch.randint(0, 65, (3, 20))
     loss, grads = _train_step(model, x)
-    assert compiled.calls == {"swiglu": 4, "heads": 4}  # two layers, forward and backward
+    assert compiled.calls == {"swiglu": 4, "heads": 4, "causal": 4}  # two layers, forward and backward
     monkeypatch.setattr(fused, "_compiled", lambda *tensors: None)
     loss_ref, grads_ref = _train_step(model, x)
     assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)

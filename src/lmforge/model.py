@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Literal
 
 import torch
@@ -31,7 +32,7 @@ from lmforge.config import GPTConfig, preset
 from lmforge.generation import generate as generate_tokens
 from lmforge.kernels import Activation, Gemv, Norm, OneQueryAttention, bind
 from lmforge.kernels import available as kernels_available, linear as kernel_linear
-from lmforge.kernels.fused import qkv_heads, swiglu
+from lmforge.kernels.fused import causal_attention, qkv_heads, swiglu
 from lmforge.quantize import Int8Linear, quantize_model
 
 AttentionImpl = Literal["sdpa", "reference"]
@@ -374,7 +375,10 @@ class CausalSelfAttention(nn.Module):
         """softmax(Q K^T * scale + mask) V, (B, H, T, D), by the fused kernel or the reference."""
         if self.impl == "sdpa":
             dropout = self.attn_pdrop if self.training else 0.0
-            return _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale)
+            fused = partial(_sdpa, q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale)
+            if mask is None and is_causal and not dropout:  # whole sequences: the compiled kernel where it applies
+                return causal_attention(q, k, v, self.scale, fused)
+            return fused()
         H, KV = self.n_head, self.n_kv_head
         if KV != H:
             k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)

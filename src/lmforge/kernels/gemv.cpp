@@ -1,7 +1,7 @@
 // y = act(norm(x) @ W^T (+ bias)) (+ residual) for a few rows of x: the matrix-vector products of batch-1
 // decoding, with the norm before them and the activation after them fused in; and (attention.h) the
-// attention of one query over a sequence's cache; and (fused.h) the SwiGLU and rotary passes of the batched
-// forward and its backward.
+// attention of one query over a sequence's cache; and for the batched forward and its backward, (fused.h) the
+// SwiGLU and rotary passes and (causal.h) causal attention of short sequences.
 //
 // W is row-major (N, K) in fp32, bf16 or int8 (with a per-row fp32 scale); x is fp32 or bf16 (converted
 // once to fp32, or for int8 weights rounded to int16 per block: see "int8 weights"). Every weight row is
@@ -650,6 +650,28 @@ PyObject* attend_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 #include "fused.h"
+#include "causal.h"
+
+#if LMF_CAUSAL
+// causal(backward, q, k, v, y, lse, dy, dq, dk, dv, B, T, H, KV, D, scale): addresses as ints (dy, dq, dk, dv 0
+// in the forward), scale a float; see causal.h (AVX2 builds only: lmforge.kernels.fused checks for `causal`).
+PyObject* causal_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t v[15];
+  double scale;
+  if (!parse_args("causal", args, nargs, 16, v, &scale)) return nullptr;
+  const Causal a{reinterpret_cast<const float*>(v[1]), reinterpret_cast<const float*>(v[2]),
+                 reinterpret_cast<const float*>(v[3]), reinterpret_cast<float*>(v[4]), reinterpret_cast<float*>(v[5]),
+                 reinterpret_cast<const float*>(v[6]), reinterpret_cast<float*>(v[7]), reinterpret_cast<float*>(v[8]),
+                 reinterpret_cast<float*>(v[9]), v[10], v[11], v[12], v[13], v[14], float(scale)};
+  if (a.H <= 0 || a.KV <= 0 || a.H % a.KV || a.D <= 0 || a.D % 8 || a.D > 128 ||
+      (v[0] && !(a.dy && a.dq && a.dk && a.dv))) {
+    PyErr_SetString(PyExc_ValueError, "causal: bad sizes");
+    return nullptr;
+  }
+  if (a.B <= 0 || a.T <= 0) Py_RETURN_NONE;
+  return without_gil("causal", [&] { causal_dispatch<1>(v[0], a); });
+}
+#endif
 
 // swiglu(backward, h, dy, out, rows, I): addresses as ints (dy 0 in the forward); see fused.h.
 PyObject* swiglu_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -682,6 +704,10 @@ PyMethodDef methods[] = {
      "gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N, norm_weight, norm_bias, norm_eps)"},
     {"attend", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(attend_entry)), METH_FASTCALL,
      "attend(bf16, q, keys, values, k_new, v_new, y, H, KV, L, D, start, end, scale)"},
+#if LMF_CAUSAL
+    {"causal", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(causal_entry)), METH_FASTCALL,
+     "causal(backward, q, k, v, y, lse, dy, dq, dk, dv, B, T, H, KV, D, scale)"},
+#endif
     {"swiglu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(swiglu_entry)), METH_FASTCALL,
      "swiglu(backward, h, dy, out, rows, I)"},
     {"heads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(heads_entry)), METH_FASTCALL,
@@ -693,7 +719,7 @@ PyMethodDef methods[] = {
 #define LMF_CAT2(a, b) a##b
 #define LMF_CAT(a, b) LMF_CAT2(a, b)
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU kernels: gemv, one-query attention, fused elementwise passes", -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, LMF_STR(TORCH_EXTENSION_NAME), "lmforge CPU kernels: gemv, one-query attention, fused training passes, causal attention", -1, methods};
 
 }  // namespace
 
