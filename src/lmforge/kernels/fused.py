@@ -136,11 +136,11 @@ class _Causal(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      reference: Callable[[], torch.Tensor]) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v, (B, H, T, D), for q (B, H, T, D) and k, v (B, KV, T, D) with H a
-    multiple of KV: the compiled kernel (causal.h) for up to CAUSAL_MAX_T positions of contiguous fp32 CPU
-    tensors with D a multiple of 8 up to 128, else `reference()`."""
+    multiple of KV: the compiled kernel (causal.h) for up to CAUSAL_MAX_T positions of fp32 CPU tensors with
+    D a multiple of 8 up to 128 (views, e.g. heads split off a fused projection, are copied first: the copy
+    costs less than the kernel saves), else `reference()`."""
     if (q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]
             or q.shape[1] % k.shape[1] or not 0 < q.shape[2] <= CAUSAL_MAX_T or q.shape[3] % 8 or q.shape[3] > 128
-            or q.numel() == 0 or not all(t.is_contiguous() for t in (q, k, v))
-            or not hasattr(_compiled(q, k, v), "causal")):  # AVX2 builds only
+            or q.numel() == 0 or not hasattr(_compiled(q, k, v), "causal")):  # AVX2 builds only
         return reference()
-    return _Causal.apply(q, k, v, float(scale))
+    return _Causal.apply(q.contiguous(), k.contiguous(), v.contiguous(), float(scale))
