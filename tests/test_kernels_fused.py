@@ -1,4 +1,4 @@
-"""lmforge.kernels.fused: the compiled SwiGLU and [Q | K | V] head passes and causal attention, forward and
+"""lmforge.kernels.fused: the compiled SwiGLU and [Q | K | V] head passes, causal attention and RMSNorm's
 backward, against the model's own equations or SDPA (which are also the fallbacks), and the model's training
 step with and without them.
 
@@ -26,7 +26,7 @@ class Spy:
     """Counts the compiled module's fused calls (so a test knows which path ran)."""
 
     def __init__(self, real):
-        self.real, self.calls = real, {"swiglu": 0, "heads": 0, "causal": 0}
+        self.real, self.calls = real, {"swiglu": 0, "heads": 0, "causal": 0, "rmsnorm_backward": 0}
 
     def swiglu(self, *args):
         self.calls["swiglu"] += 1
@@ -39,6 +39,10 @@ class Spy:
     def causal(self, *args):
         self.calls["causal"] += 1
         return self.real.causal(*args)
+
+    def rmsnorm_backward(self, *args):
+        self.calls["rmsnorm_backward"] += 1
+        return self.real.rmsnorm_backward(*args)
 
 
 @pytest.fixture
@@ -134,6 +138,24 @@ def test_heads_fall_back_where_the_pass_does_not_apply(compiled):
     assert compiled.calls["heads"] == 0
 
 
+@pytest.mark.parametrize("shape", [(12, 64, 128), (3, 5, 37), (1, 8)])
+def test_rms_norm_forward_is_torch_and_backward_matches(compiled, shape):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape, requires_grad=True), (torch.randn(shape[-1]) + 1).requires_grad_()
+    dy = torch.randn(shape)
+    y = fused.rms_norm(x, w, 1e-5)
+    grads = torch.autograd.grad(y, (x, w), dy)
+    y_ref = F.rms_norm(x, w.shape, w, 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    assert compiled.calls["rmsnorm_backward"] == 1
+    assert torch.equal(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):  # dw sums up to 768 rows in fp32
+        assert (g - g_ref).abs().max().item() <= 2e-6 * max(1.0, g_ref.abs().max().item())
+    with torch.no_grad():  # nothing to differentiate: torch's kernel alone
+        assert torch.equal(fused.rms_norm(x, w, 1e-5), y_ref)
+    assert compiled.calls["rmsnorm_backward"] == 1
+
+
 def _sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -193,7 +215,8 @@ def test_a_training_step_is_the_same_with_and_without_the_passes(compiled, monke
     model = lmforge.GPT(lmforge.preset("llama-baby", vocab_size=65, n_positions=64, n_layer=2, n_kv_head=n_kv_head))
     x = torch.randint(0, 65, (3, 20))
     loss, grads = _train_step(model, x)
-    assert compiled.calls == {"swiglu": 4, "heads": 4, "causal": 4}  # two layers, forward and backward
+    # two layers, forward and backward; five norms (two per layer and the final one), backward only
+    assert compiled.calls == {"swiglu": 4, "heads": 4, "causal": 4, "rmsnorm_backward": 5}
     monkeypatch.setattr(fused, "_compiled", lambda *tensors: None)
     loss_ref, grads_ref = _train_step(model, x)
     assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)

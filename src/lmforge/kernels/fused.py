@@ -1,6 +1,6 @@
 """Fused passes of the batched forward and its backward on the CPU (training steps, prefill): the gated
 MLP's silu(gate) * up, the split of the fused [Q | K | V] projection into heads with rotary positions
-applied to q and k, and causal self-attention of whole short sequences.
+applied to q and k, causal self-attention of whole short sequences, and RMSNorm's backward.
 
 In torch the first two are several kernels over the same memory each (for the heads with RoPE: a
 transpose, a split, neg, cat, two multiplies and an add, and in the backward a concatenation of the
@@ -8,7 +8,8 @@ pieces' gradients and a copy), which on a small model cost as much as the matrix
 The compiled passes (fused.h) do each in one pass forward and one backward. torch's attention kernel
 (flash attention) is blocked for long sequences, and at a training step's few dozen positions its fixed
 costs dominate; the compiled one (causal.h) is about twice as fast up to ~128 positions and is used up to
-CAUSAL_MAX_T. All three are torch.autograd.Functions (once differentiable). Each function takes the
+CAUSAL_MAX_T. RMSNorm keeps torch's forward kernel (bit for bit transformers') and gets a one-pass
+backward where torch runs about ten kernels. All are torch.autograd.Functions (once differentiable). Each function takes the
 model's own equations (or SDPA) as `reference` and calls it wherever the compiled code does not apply
 (other dtypes or devices, no compiler, torch.compile tracing, masks, longer sequences); both give the
 same results (the heads bit for bit, the others up to float rounding), as the tests check.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lmforge.kernels import _build
@@ -58,6 +60,34 @@ def swiglu(h: torch.Tensor, reference: Callable[[torch.Tensor], torch.Tensor]) -
     if h.shape[-1] % 2 or not h.is_contiguous() or h.numel() == 0 or _compiled(h) is None:
         return reference(h)
     return _SwiGLU.apply(h)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, weight.shape, weight, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dw = torch.empty_like(x), torch.empty_like(weight)
+        C = weight.numel()
+        _build.ops().rmsnorm_backward(x.data_ptr(), weight.data_ptr(), dy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+                                      x.numel() // C, C, ctx.eps)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, weight.shape, weight, eps) over the last dimension, fp32: torch's forward (bit for bit
+    transformers' RMSNorm), with the compiled one-pass backward when a gradient is wanted on the CPU."""
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_contiguous()
+            and weight.dim() == 1 and x.shape[-1:] == weight.shape and x.numel() and _compiled(x, weight) is not None):
+        return _RMSNorm.apply(x, weight, eps)
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class _Heads(torch.autograd.Function):

@@ -684,6 +684,19 @@ PyObject* swiglu_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   });
 }
 
+// rmsnorm_backward(x, w, dy, dx, dw, rows, C, eps): addresses as ints, eps a float; see fused.h.
+PyObject* rmsnorm_backward_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t v[7];
+  double eps;
+  if (!parse_args("rmsnorm_backward", args, nargs, 8, v, &eps)) return nullptr;
+  if (v[5] <= 0 || v[6] <= 0) Py_RETURN_NONE;
+  return without_gil("rmsnorm_backward", [&] {
+    rmsnorm_backward(reinterpret_cast<const float*>(v[0]), reinterpret_cast<const float*>(v[1]),
+                     reinterpret_cast<const float*>(v[2]), reinterpret_cast<float*>(v[3]), reinterpret_cast<float*>(v[4]),
+                     v[5], v[6], float(eps));
+  });
+}
+
 // heads(backward, qkv, q, k, v, cos, sin, B, T, H, KV, D, cos_batches): addresses as ints; see fused.h.
 PyObject* heads_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t v[13];
@@ -710,6 +723,8 @@ PyMethodDef methods[] = {
 #endif
     {"swiglu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(swiglu_entry)), METH_FASTCALL,
      "swiglu(backward, h, dy, out, rows, I)"},
+    {"rmsnorm_backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(rmsnorm_backward_entry)),
+     METH_FASTCALL, "rmsnorm_backward(x, w, dy, dx, dw, rows, C, eps)"},
     {"heads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(heads_entry)), METH_FASTCALL,
      "heads(backward, qkv, q, k, v, cos, sin, B, T, H, KV, D, cos_batches)"},
     {nullptr, nullptr, 0, nullptr}};
