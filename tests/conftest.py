@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -24,6 +25,38 @@ def hf_gpt2(seed: int = 0, **config_kwargs):
     defaults.update(config_kwargs)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**defaults)).eval()
+
+
+class KernelSpy:
+    """The compiled kernels module with a count of calls per entry point, so that a test knows which path
+    ran (`counts["gemv"]`, `counts["causal"]`, ...); everything else is the module's own."""
+
+    def __init__(self, real):
+        self.real, self.counts = real, collections.Counter()
+
+    def __getattr__(self, name):
+        entry = getattr(self.real, name)
+        if not callable(entry):
+            return entry
+
+        def counted(*args):
+            self.counts[name] += 1
+            return entry(*args)
+
+        return counted
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The compiled CPU kernels, counted (skips where they cannot be built)."""
+    from lmforge import kernels
+    from lmforge.kernels import _build
+
+    if not kernels.available():
+        pytest.skip(kernels.why_unavailable())
+    spy = KernelSpy(_build.ops())
+    monkeypatch.setattr(_build, "_ops", spy)
+    return spy
 
 
 @pytest.fixture
