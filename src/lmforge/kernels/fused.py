@@ -7,9 +7,9 @@ transpose, a split, neg, cat, two multiplies and an add, and in the backward a c
 pieces' gradients and a copy), which on a small model cost as much as the matrix products around them.
 The compiled passes (fused.h) do each in one pass forward and one backward. torch's attention kernel
 (flash attention) is blocked for long sequences, and at a training step's few dozen positions its fixed
-costs dominate; the compiled one (causal.h) is about twice as fast up to ~128 positions and is used up to
-CAUSAL_MAX_T. RMSNorm keeps torch's forward kernel (bit for bit transformers') and gets a one-pass
-backward where torch runs about ten kernels. All are torch.autograd.Functions (once differentiable). Each function takes the
+costs dominate; the compiled one (causal.h) is about twice as fast up to 128 positions (CAUSAL_MAX_T).
+RMSNorm keeps torch's forward kernel (bit for bit transformers') and gets a one-pass backward where torch
+runs about ten kernels. All are torch.autograd.Functions (once differentiable). Each function takes the
 model's own equations (or SDPA) as `reference` and calls it wherever the compiled code does not apply
 (other dtypes or devices, no compiler, torch.compile tracing, masks, longer sequences); both give the
 same results (the heads bit for bit, the others up to float rounding), as the tests check.
@@ -135,9 +135,10 @@ def qkv_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: tuple[torch.
 
 
 # Up to how many positions the compiled causal attention runs. Measured against torch 2.13's flash kernel on
-# a 2-core AVX2 EPYC, forward + backward: 2.2x as fast at 64 positions, 1.9x at 128, 1.2x at 256, even at
-# 512, half as fast at 1024 (its loops are not blocked for keys that leave the L1 cache).
-CAUSAL_MAX_T = 256
+# a 2-core AVX2 EPYC, forward + backward alone: 2.2x as fast at 64 positions, 1.9x at 128, 1.2x at 256, even
+# at 512, half as fast at 1024 (its loops are not blocked for keys that leave the L1 cache). Inside a GPT-2
+# small training step at 256 positions the gain was gone (10.2 vs 10.0 s per step): 128 keeps a margin.
+CAUSAL_MAX_T = 128
 
 
 class _Causal(torch.autograd.Function):
