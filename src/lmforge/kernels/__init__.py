@@ -7,6 +7,9 @@ CUDA/MPS, non-contiguous weights, no compiler); both give the same results up to
 decode loop, `bind(weight, bias, scale)` checks a weight once and returns a `Gemv` to call per step (it can
 also add into the residual stream in place: `g(x, residual=h, out=h)`).
 
+`lmforge.kernels.fused` holds the batched forward's and backward's compiled passes (training steps, prefill):
+SwiGLU, RoPE with the split into heads, causal attention of short sequences, RMSNorm's backward.
+
 The kernel is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja, about 15 s)
 into `$XDG_CACHE_HOME/lmforge/kernels` (by default `~/.cache/lmforge/kernels`), keyed by the source, torch,
 Python, the CPU's flags and the build flags; later processes load it from there in milliseconds. Nothing
