@@ -85,7 +85,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm(x, weight.shape, weight, eps) over the last dimension, fp32: torch's forward (bit for bit
     transformers' RMSNorm), with the compiled one-pass backward when a gradient is wanted on the CPU."""
     if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_contiguous()
-            and weight.dim() == 1 and x.shape[-1:] == weight.shape and x.numel() and _compiled(x, weight) is not None):
+            and weight.is_contiguous() and weight.dim() == 1 and x.shape[-1:] == weight.shape and x.numel() and _compiled(x, weight) is not None):
         return _RMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
