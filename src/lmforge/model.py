@@ -360,7 +360,9 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * self.head_dim)  # Concat(head_1..head_h)
         return _dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
-    def _split_heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    def _split_heads(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[Q | K | V] (B, T, (H + 2 KV) D) -> q (B, H, T, D), k and v (B, KV, T, D), rotated, as views where
         possible: a decoded token pays for each operation about as much as for a kernel."""
         B, T, _ = qkv.shape

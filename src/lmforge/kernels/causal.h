@@ -202,13 +202,15 @@ void causal_backward(const Causal& a) {
             __m256 di8 = _mm256_setzero_ps();
             LMF_UNROLL
             for (int u = 0; u < NV; ++u)
-              di8 = _mm256_fmadd_ps(_mm256_loadu_ps(dy + i * y_stride + 8 * u), _mm256_loadu_ps(y + i * y_stride + 8 * u), di8);
+              di8 = _mm256_fmadd_ps(_mm256_loadu_ps(dy + i * y_stride + 8 * u), _mm256_loadu_ps(y + i * y_stride + 8 * u),
+                                    di8);
             const __m256 di = _mm256_set1_ps(sum8(di8)), lse = _mm256_set1_ps(a.lse[head * T + i]);
             float* pr = p + r * Tp;
             float* dsr = ds + r * Tp;
             for (int64_t j = 0; j < n8; j += 8) {
               // p <= 1 up to rounding: the exponent is clamped at 0; keys past i get 0
-              __m256 e = exp_nonpositive(_mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lse), _mm256_setzero_ps()));
+              const __m256 x = _mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(pr + j), lse), _mm256_setzero_ps());
+              __m256 e = exp_nonpositive(x);
               if (j + 8 > i + 1) {
                 alignas(32) float keep[8];
                 for (int u = 0; u < 8; ++u) keep[u] = j + u <= i ? 1.f : 0.f;

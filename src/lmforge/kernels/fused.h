@@ -1,9 +1,9 @@
 // Fused elementwise passes of the batched forward and of its backward (training, prefill), fp32: the SwiGLU
-// product of the gated MLP, and the split of the fused [Q | K | V] projection into heads with rotary
-// positions. In torch each is four to eight kernels over the same memory, and the backward adds a
-// concatenation of the pieces' gradients; on a small model these passes cost as much as the matrix
-// products around them (llama-baby: ~6 ms of a ~70 ms training step each). Here each is one pass, rows
-// split among torch's threads. Part of gemv.cpp's translation unit (vmath.h's exponential).
+// product of the gated MLP, the split of the fused [Q | K | V] projection into heads with rotary positions,
+// and RMSNorm's backward. In torch each is four to ten kernels over the same memory, and the backward of
+// the first two adds a concatenation of the pieces' gradients; on a small model these passes cost as much
+// as the matrix products around them (llama-baby: 4-6 ms of a ~70 ms training step each). Here each is
+// one pass, rows split among torch's threads. Part of gemv.cpp's translation unit (vmath.h's exponential).
 
 // sigmoid(g) = 1 / (1 + e^-g), from e^-|g| so that the exponential never overflows.
 inline float sigmoid(float g) {
@@ -53,7 +53,8 @@ inline void swiglu_row(bool backward, const float* h, const float* dy, float* ou
 void swiglu(bool backward, const float* h, const float* dy, float* out, int64_t rows, int64_t I) {
   const int64_t width = backward ? 2 * I : I;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, I)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) swiglu_row(backward, h + r * 2 * I, dy ? dy + r * I : nullptr, out + r * width, I);
+    for (int64_t r = r0; r < r1; ++r)
+      swiglu_row(backward, h + r * 2 * I, dy ? dy + r * I : nullptr, out + r * width, I);
   });
 }
 

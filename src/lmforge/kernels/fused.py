@@ -85,7 +85,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm(x, weight.shape, weight, eps) over the last dimension, fp32: torch's forward (bit for bit
     transformers' RMSNorm), with the compiled one-pass backward when a gradient is wanted on the CPU."""
     if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and x.is_contiguous()
-            and weight.is_contiguous() and weight.dim() == 1 and x.shape[-1:] == weight.shape and x.numel() and _compiled(x, weight) is not None):
+            and weight.is_contiguous() and weight.dim() == 1 and x.shape[-1:] == weight.shape and x.numel()
+            and _compiled(x, weight) is not None):
         return _RMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
@@ -119,7 +120,7 @@ def qkv_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: tuple[torch.
               reference: Callable[[torch.Tensor, tuple | None], Tensors3]) -> Tensors3:
     """The fused projection's output qkv (B, T, (n_head + 2 n_kv_head) D) as q (B, n_head, T, D) and k, v
     (B, n_kv_head, T, D), q and k rotated by rope = (cos, sin), each (B or 1, T, D): the compiled pass (new
-    contiguous tensors), or `reference(qkv, rope)` (always without rope)."""
+    contiguous tensors), or `reference(qkv, rope)` (which is also what runs without rope)."""
     width = n_head + 2 * n_kv_head
     # Without rotary positions the reference's views cost nothing: the pass would only copy.
     if (rope is None or qkv.dim() != 3 or qkv.shape[-1] % width or (qkv.shape[-1] // width) % 2
@@ -131,7 +132,6 @@ def qkv_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: tuple[torch.
             or cos.shape[0] not in (1, B) or cos.shape[1:] != (T, D)):
         return reference(qkv, rope)
     return _Heads.apply(qkv, cos, sin, n_head, n_kv_head)
-
 
 
 # Up to how many positions the compiled causal attention runs. Measured against torch 2.13's flash kernel on

@@ -1,7 +1,7 @@
 // y = act(norm(x) @ W^T (+ bias)) (+ residual) for a few rows of x: the matrix-vector products of batch-1
 // decoding, with the norm before them and the activation after them fused in; and (attention.h) the
 // attention of one query over a sequence's cache; and for the batched forward and its backward, (fused.h) the
-// SwiGLU and rotary passes and (causal.h) causal attention of short sequences.
+// SwiGLU, rotary and RMSNorm-backward passes and (causal.h) causal attention of short sequences.
 //
 // W is row-major (N, K) in fp32, bf16 or int8 (with a per-row fp32 scale); x is fp32 or bf16 (converted
 // once to fp32, or for int8 weights rounded to int16 per block: see "int8 weights"). Every weight row is
