@@ -146,7 +146,8 @@ inline float softmax_row(float* s, int64_t n_r, int64_t n) {
   for (; j < n_r; ++j) total += (s[j] = std::exp(s[j] - top));
   std::fill(s + n_r, s + n, 0.f);
   const float inv = 1.f / total;
-  for (j = 0; j < n_r; ++j) s[j] *= inv;
+  for (j = 0; j + 8 <= n_r; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(inv)));
+  for (; j < n_r; ++j) s[j] *= inv;
   return top + std::log(total);
 }
 

@@ -150,7 +150,18 @@ void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx
       const float* xi = x + i * C;
       const float* dyi = dy + i * C;
       float squares = 0.f, dot = 0.f;
-      for (int64_t c = 0; c < C; ++c) {
+      int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      __m256 squares8 = _mm256_setzero_ps(), dot8 = _mm256_setzero_ps();
+      for (; c + 8 <= C; c += 8) {
+        const __m256 xc = _mm256_loadu_ps(xi + c);
+        squares8 = _mm256_fmadd_ps(xc, xc, squares8);
+        dot8 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(dyi + c), _mm256_loadu_ps(w + c)), xc, dot8);
+      }
+      squares = sum8(squares8);
+      dot = sum8(dot8);
+#endif
+      for (; c < C; ++c) {
         squares += xi[c] * xi[c];
         dot += dyi[c] * w[c] * xi[c];
       }
@@ -158,13 +169,33 @@ void rmsnorm_backward(const float* x, const float* w, const float* dy, float* dx
       const float mean = dot * ri / C;  // mean(g x^)
       r[i] = ri;
       float* dxi = dx + i * C;
-      for (int64_t c = 0; c < C; ++c) dxi[c] = ri * (dyi[c] * w[c] - xi[c] * ri * mean);
+      c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 ri8 = _mm256_set1_ps(ri), shift = _mm256_set1_ps(ri * mean);
+      for (; c + 8 <= C; c += 8) {
+        const __m256 g = _mm256_mul_ps(_mm256_loadu_ps(dyi + c), _mm256_loadu_ps(w + c));
+        _mm256_storeu_ps(dxi + c, _mm256_mul_ps(ri8, _mm256_fnmadd_ps(_mm256_loadu_ps(xi + c), shift, g)));
+      }
+#endif
+      for (; c < C; ++c) dxi[c] = ri * (dyi[c] * w[c] - xi[c] * ri * mean);
     }
   });
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     std::vector<float> sums(c1 - c0, 0.f);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t c = c0; c < c1; ++c) sums[c - c0] += dy[i * C + c] * x[i * C + c] * r[i];
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* xi = x + i * C;
+      const float* dyi = dy + i * C;
+      int64_t c = c0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const __m256 ri8 = _mm256_set1_ps(r[i]);
+      for (; c + 8 <= c1; c += 8) {
+        float* s = sums.data() + (c - c0);
+        const __m256 xhat = _mm256_mul_ps(_mm256_loadu_ps(xi + c), ri8);
+        _mm256_storeu_ps(s, _mm256_fmadd_ps(_mm256_loadu_ps(dyi + c), xhat, _mm256_loadu_ps(s)));
+      }
+#endif
+      for (; c < c1; ++c) sums[c - c0] += dyi[c] * (xi[c] * r[i]);
+    }
     std::copy(sums.begin(), sums.end(), dw + c0);
   });
 }
