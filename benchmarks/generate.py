@@ -13,8 +13,8 @@ lmforge, ...) and each figure is the median of --repeats runs. Target figures ca
 
 Speed (random weights written by transformers; lmforge loads them as the CLI, server and pipelines do:
 load_model(..., quantize=) + optimize_for_decoding(), --layout decode):
-- Precisions: fp32, bf16 and int8 (lmforge's weight-only int8, per-output-channel scales; activations
-  in --int8-activations, bf16 by default). Peers: transformers at fp32/bf16 (it has no CPU int8 without
+- Precisions: fp32, bf16 and int8 (lmforge's weight-only int8, per-output-channel scales, the LM head's
+  per group of 32; activations in --int8-activations, fp32 by default as load_model gives them). Peers: transformers at fp32/bf16 (it has no CPU int8 without
   extra libraries); llama.cpp's llama-bench at batch 1 on GGUFs of the same weights (F32, BF16, Q8_0)
   made by its own converter, when `benchmarks/llamacpp.py build` has run (else those rows are skipped).
 - Time to first token = a generate() call with max_new_tokens=1 (prefill + choosing one token), for the
@@ -331,7 +331,7 @@ def speed_phase(args, config, base: dict) -> None:
                 models["transformers"] = load_transformers(directory, precision)
             per_token = weight_bytes_per_token(ours)
             extra = dict(activations=args.int8_activations, quantization="int8 weight-only, per-output-channel "
-                         "fp32 scales; embedding float") if precision == "int8" else {}
+                         "fp32 scales (LM head: per group of 32); embedding float") if precision == "int8" else {}
             gguf = ggufs.get(precision)
             llama_cond = {}
             if gguf is not None:
@@ -546,8 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--dtypes", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    p.add_argument("--int8-activations", choices=sorted(DTYPES), default="bf16",
-                   help="the activations' dtype of the int8 model (its non-linear parts, norms, embedding)")
+    p.add_argument("--int8-activations", choices=sorted(DTYPES), default="fp32",
+                   help="the activations' dtype of the int8 model (its non-linear parts, norms, embedding); fp32 "
+                        "is load_model(..., quantize='int8')'s default and as fast (the kernel rounds x to int16 "
+                        "either way), bf16 adds its own rounding to the quality figures")
     p.add_argument("--phases", nargs="+", default=["speed", "quality"], choices=["speed", "quality"])
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory figures (child processes)")
     p.add_argument("--quick", action="store_true", help="smoke run: a 4-layer model, 1 repeat, short prompts, "

@@ -106,6 +106,42 @@ def test_compiled_int8_linear_matches_the_dequantised_result(compiled, x_dtype, 
     assert compiled.counts["gemv"] == 3 * len(SHAPES + LONG_SHAPES)
 
 
+GROUP_SHAPES = [(37, 32), (130, 96), (40, 704), (9, 1088)]  # K = whole groups of 32: one, several, partial x blocks
+
+
+def grouped(n, k, group, seed):
+    """int8 weights with one fp32 scale per `group` entries along each row, and the fp32 matrix they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) / 64
+    return q, scale, (q.double().view(n, k // group, group) * scale.double()[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8, 20])
+def test_compiled_int8_linear_with_group_scales(compiled, x_dtype, m):
+    for n, k in GROUP_SHAPES:
+        for bias, residual in ((False, False), (True, True), (True, False)):
+            x, _, b, r = inputs(x_dtype, m, n, k, bias, residual, seed=n)
+            q, scale, w = grouped(n, k, 32, seed=k)
+            # the oracle multiplies by the dequantized weight; scale ones: the int16 rounding bound of x
+            assert_close(kernels.int8_linear(x, q, scale, b, r), x, w, b, r, torch.ones(n))
+    assert compiled.counts["gemv"] == 3 * len(GROUP_SHAPES)
+
+
+def test_other_group_sizes_and_the_torch_path_agree(compiled, monkeypatch):
+    x, _, b, r = inputs(torch.float32, 2, 40, 704, True, True, seed=5)
+    q, scale, w = grouped(40, 704, 64, seed=6)  # groups of 64: the torch path
+    assert_close(kernels.int8_linear(x, q, scale, b, r), x, w, b, r)
+    assert compiled.counts["gemv"] == 0
+    q, scale, w = grouped(40, 704, 32, seed=7)
+    assert_close(kernels.int8_linear(x, q, scale, b, r), x, w, b, r, torch.ones(40))
+    assert compiled.counts["gemv"] == 1
+    assert_close(kernels._torch_int8_linear(x, q, scale, b, r), x, w, b, r)  # the same groups in torch
+    with pytest.raises(ConfigError, match="groups dividing 704"):
+        kernels.int8_linear(x, q, torch.rand(40, 7))
+
+
 def test_int8_blocks_of_x_are_scaled_on_their_own(compiled):
     # One block of x holds an entry 10^4 times the rest: only that block's entries lose precision, the
     # others' products stay within the bound of their own (small) largest entries.

@@ -13,7 +13,7 @@ from torch import nn
 import lmforge
 from lmforge import GPT, GPTConfig
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
-from lmforge.quantize import QUANTIZATION_CONFIG, Int8Linear, quantize_weight
+from lmforge.quantize import HEAD_GROUP_SIZE, QUANTIZATION_CONFIG, Int8Linear, quantize_model, quantize_weight
 
 LLAMA = dict(family="llama", norm="rmsnorm", positions="rope", mlp="gated", activation="silu", bias=False,
              embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -82,7 +82,8 @@ def test_quantize_model_replaces_every_linear_and_keeps_the_embedding_exact():
     assert all(isinstance(model.get_submodule(n), Int8Linear) for n in linears) and "lm_head" in linears
     # The tied head is its own int8 copy of the embedding; the embedding itself is unchanged (exact lookup).
     assert torch.equal(model.transformer.wte.weight, wte) and model.transformer.wte.weight.dtype == torch.float32
-    q, s = quantize_weight(wte)
+    q, s = quantize_weight(wte, HEAD_GROUP_SIZE)  # the head: one scale per group of 32 along each row
+    assert s.shape == (wte.shape[0], wte.shape[1] // HEAD_GROUP_SIZE)
     assert torch.equal(model.lm_head.weight, q) and torch.equal(model.lm_head.weight_scale, s)
     assert not model.training
 
@@ -208,7 +209,9 @@ def test_gpt2_checkpoint_uses_conv1d_layout_for_int8_weights(tmp_path):
     assert torch.equal(state["transformer.h.1.attn.c_attn.weight_scale"], layer.weight_scale)
     assert state["lm_head.weight"].dtype == torch.int8  # a tied head is stored: it is its own int8 copy
     assert state["transformer.wte.weight"].dtype == torch.float32
-    assert all(t.dtype == torch.int8 for k, t in state.items() if t.dim() == 2 and "wte" not in k and "wpe" not in k)
+    assert all(t.dtype == torch.int8 for k, t in state.items()
+               if t.dim() == 2 and "wte" not in k and "wpe" not in k and not k.endswith("_scale"))
+    assert state["lm_head.weight_scale"].shape == (model.config.vocab_size, model.config.n_embd // HEAD_GROUP_SIZE)
 
 
 def test_llama_checkpoint_splits_int8_weights_and_scales_by_rows(tmp_path):
@@ -250,8 +253,10 @@ def test_a_quantized_checkpoint_loads_in_another_float_dtype(tmp_path):
 @pytest.mark.parametrize("qc, needle", [
     ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "'gptq'"),
     ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "'bitsandbytes'"),
-    ({**QUANTIZATION_CONFIG, "format_version": 2}, "format_version"),
+    ({**QUANTIZATION_CONFIG, "format_version": 3}, "format_version"),
     ({**QUANTIZATION_CONFIG, "weight_dtype": "int4"}, "int4"),
+    ({**QUANTIZATION_CONFIG, "lm_head_group_size": "32"}, "lm_head_group_size"),
+    ({**QUANTIZATION_CONFIG, "format_version": 1}, "format_version"),  # version 1 had no lm_head_group_size
 ])
 def test_other_quantization_formats_are_refused(tmp_path, qc, needle):
     tiny("gpt2").save_pretrained(tmp_path)
@@ -260,6 +265,31 @@ def test_other_quantization_formats_are_refused(tmp_path, qc, needle):
     with pytest.raises(CheckpointError, match=needle) as e:
         lmforge.load_model(tmp_path, device="cpu")
     assert "lmforge" in str(e.value) and "config.json" in str(e.value)
+
+
+def test_the_lm_head_has_group_scales_and_format_1_checkpoints_still_load(tmp_path):
+    float_model = tiny("llama-gqa")  # n_embd 64: two groups of 32 per row of the head
+    model = copy.deepcopy(float_model).quantize()
+    head = model.lm_head
+    assert head.group_size == HEAD_GROUP_SIZE and head.weight_scale.shape == (97, 2)
+    w = float_model.lm_head.weight.detach()
+    step = head.weight_scale.repeat_interleave(HEAD_GROUP_SIZE, dim=1)
+    assert ((w - head.dequantized()).abs() <= step / 2 + 1e-7).all()  # half a step of the entry's own group
+    assert model.transformer.h[0].mlp.c_proj.weight_scale.shape == (64,)  # the other layers: one per row
+    # A checkpoint of format version 1 (every layer per row, lm_head_group_size absent) loads as it was.
+    per_row = quantize_model(copy.deepcopy(float_model), head_group_size=None)
+    per_row.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    assert config["quantization_config"]["lm_head_group_size"] is None
+    config["quantization_config"] = {"quant_method": "lmforge", "weight_dtype": "int8",
+                                     "granularity": "per_output_channel", "format_version": 1}
+    path.write_text(json.dumps(config))
+    loaded = lmforge.load_model(tmp_path, device="cpu")
+    assert loaded.lm_head.group_size is None and loaded.lm_head.weight_scale.shape == (97,)
+    x = ids(97)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, per_row(x).logits)
 
 
 @pytest.mark.parametrize("name, missing", [

@@ -28,7 +28,8 @@ from lmforge.device import resolve_device, resolve_dtype
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.families import family_for
 from lmforge.quantize import (
-    QUANTIZATION_CONFIG, check_mode, checkpoint_quantization, is_scale, model_quantization, quantize_model,
+    check_mode, checkpoint_head_group_size, checkpoint_quantization, is_scale, model_quantization, quantization_config,
+    quantize_model,
 )
 
 CONFIG_NAME = "config.json"
@@ -328,7 +329,7 @@ def saved_config(model: nn.Module) -> GPTConfig:
     config = model.config
     extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
     if model_quantization(model) is not None:
-        extra["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        extra["quantization_config"] = quantization_config(model)
     return config if extra == config.extra else dataclasses.replace(config, extra=extra)
 
 
@@ -480,7 +481,7 @@ def load_pretrained(
     with torch.device("meta"):
         model = model_class(config)
         if stored is not None:  # empty int8 layers, filled from the checkpoint's int8 tensors
-            quantize_model(model, stored)
+            quantize_model(model, stored, head_group_size=checkpoint_head_group_size(config))
     hint = "config.json and the weights are from different models"
     if stored is not None:
         hint = f"a quantized checkpoint stores each int8 weight's `<name>_scale` beside it; {hint}"

@@ -1,9 +1,10 @@
 """CPU kernels for small-batch decoding: y = x @ W^T (+ bias) (+ residual) at the memory-bandwidth limit.
 
 Batch-1 decoding is a chain of matrix-vector products whose time is the time to read the weights once.
-`linear` (fp32 or bf16 weights) and `int8_linear` (int8 weights with per-output-channel fp32 scales) run a
-small C++ kernel (gemv.cpp) for a few rows of x on the CPU and plain torch everywhere else (many rows,
-CUDA/MPS, non-contiguous weights, no compiler); both give the same results up to float rounding. For the
+`linear` (fp32 or bf16 weights) and `int8_linear` (int8 weights with fp32 scales per output channel or per
+group of 32 along it) run a small C++ kernel (gemv.cpp) for a few rows of x on the CPU and plain torch
+everywhere else (many rows, CUDA/MPS, non-contiguous weights, no compiler); both give the same results up
+to float rounding. For the
 decode loop, `bind(weight, bias, scale)` checks a weight once and returns a `Gemv` to call per step (it can
 also add into the residual stream in place: `g(x, residual=h, out=h)`).
 
@@ -34,7 +35,8 @@ __all__ = ["linear", "int8_linear", "bind", "Gemv", "Norm", "Activation", "OneQu
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}  # weight kinds of gemv.cpp; int8 is 2
 _INT8 = 2
-_X_BF16, _BIAS_BF16 = 1, 2  # flags of gemv.cpp
+_X_BF16, _BIAS_BF16, _GROUPS_32 = 1, 2, 32  # flags of gemv.cpp
+KERNEL_GROUP = 32  # the group size of int8 group scales the compiled kernel runs (others: the torch path)
 _NORM_FLAGS = {"layernorm": 4, "rmsnorm": 8}
 _ACTIVATION_FLAGS = {"gelu_tanh": 16}
 _X_FLAGS = {torch.float32: 0, torch.bfloat16: _X_BF16}
@@ -119,14 +121,17 @@ class Gemv:
         if not (weight.is_cpu and weight.dim() == 2 and weight.is_contiguous() and self._k > 0):
             return
         kind = _INT8 if scale is not None and weight.dtype is torch.int8 else _KINDS.get(weight.dtype) if scale is None else None
-        if kind is None or (scale is not None and not (scale.is_cpu and scale.is_contiguous() and scale.dtype is torch.float32
-                                                       and scale.shape == (self._n,))):
+        groups = scale is not None and scale.dim() == 2
+        # scales: one per row (N,), or (kernel: groups of 32 only) one per group of 32 along K (N, K / 32)
+        scale_shape = (self._n, self._k // KERNEL_GROUP) if groups and self._k % KERNEL_GROUP == 0 else (self._n,)
+        if kind is None or (scale is not None and not (scale.is_cpu and scale.is_contiguous()
+                                                       and scale.dtype is torch.float32 and scale.shape == scale_shape)):
             return
-        flags = 0
+        flags = _GROUPS_32 if groups else 0
         if bias is not None:
             if not (bias.is_cpu and bias.is_contiguous() and bias.dtype in _KINDS and bias.shape == (self._n,)):
                 return
-            flags = _BIAS_BF16 if bias.dtype is torch.bfloat16 else 0
+            flags |= _BIAS_BF16 if bias.dtype is torch.bfloat16 else 0
         norm_args = (0, 0, 0.0)
         if norm is not None:
             # the kernel reads the norm's parameters in x's dtype: x must then have it (see _x_flags)
@@ -249,7 +254,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    """(x @ qweight.T) * scale + bias + residual in x.dtype; qweight int8 (N, K), scale fp32 (N,)."""
+    """(x @ qweight.T) * scale + bias + residual in x.dtype; qweight int8 (N, K), scale fp32: (N,) one per
+    row, or (N, G) one per group of K / G entries along each row (the compiled kernel runs groups of 32)."""
     if x.is_cpu and qweight.dtype is torch.int8 and x.dtype in _KINDS and _build.ops() is not None:
         return Gemv(qweight, bias, scale)(x, residual)
     return _torch_int8_linear(x, qweight, scale, bias, residual)
@@ -282,15 +288,22 @@ def _torch_int8_linear(x, qweight, scale, bias, residual):
     _check(x, qweight, bias, residual, "int8_linear")
     if qweight.dtype != torch.int8:
         raise ConfigError(f"int8_linear: qweight must be int8, got {qweight.dtype}")
-    if tuple(scale.shape) != (qweight.shape[0],):
-        raise ConfigError(f"int8_linear: scale of shape {tuple(scale.shape)} must be ({qweight.shape[0]},) "
-                          f"for qweight of shape {tuple(qweight.shape)}")
+    n, k = qweight.shape
+    if not (tuple(scale.shape) == (n,) or (scale.dim() == 2 and scale.shape[0] == n and 0 < scale.shape[1] <= k
+                                           and k % scale.shape[1] == 0)):
+        raise ConfigError(f"int8_linear: scale of shape {tuple(scale.shape)} must be ({n},) (one per row) or "
+                          f"({n}, groups) with groups dividing {k} (one per group along a row) for qweight of shape "
+                          f"{tuple(qweight.shape)}")
     if not x.is_floating_point():
         raise ConfigError(f"int8_linear: x must be floating point (float32 or bfloat16), got {x.dtype}")
     # int8 -> float is exact; the GEMM accumulates in fp32 (in fp32 outright on the CPU, where torch's bf16
     # GEMM is slow without hardware support); scale, bias and residual are applied in fp32.
     compute = torch.float32 if x.is_cpu else x.dtype
-    y = F.linear(x.to(compute), qweight.to(compute)).float().mul_(scale)
+    if scale.dim() == 2:  # group scales: the weight is dequantized group by group first
+        w = (qweight.float().view(n, scale.shape[1], -1) * scale[..., None]).view(n, k)
+        y = F.linear(x.to(compute), w.to(compute)).float()
+    else:
+        y = F.linear(x.to(compute), qweight.to(compute)).float().mul_(scale)
     if bias is not None:
         y += bias
     if residual is not None:

@@ -345,6 +345,8 @@ inline vi imadd(vi w, const int16_t* x, vi acc) {
 using vsf = __m256;  // the fp32 block sums
 inline vsf szero() { return _mm256_setzero_ps(); }
 inline vsf sfma(vi a, float s, vsf acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), acc); }
+inline vsf sfmaf(vsf a, float s, vsf acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
+inline vsf vadd_s(vsf a, vsf b) { return _mm256_add_ps(a, b); }
 inline float ssum(vsf a) { return sum8(a); }
 #else
 constexpr int QW = 1;
@@ -356,6 +358,8 @@ inline vi imadd(vi w, const int16_t* x, vi acc) { return acc + w * int32_t(*x); 
 using vsf = float;
 inline vsf szero() { return 0.f; }
 inline vsf sfma(vi a, float s, vsf acc) { return float(a) * s + acc; }
+inline vsf sfmaf(vsf a, float s, vsf acc) { return a * s + acc; }
+inline vsf vadd_s(vsf a, vsf b) { return a + b; }
 inline float ssum(vsf a) { return a; }
 #endif
 
@@ -400,35 +404,74 @@ inline void dot_row_i8(const int16_t* xq, const float* xs, int64_t blocks, int64
 template <int M>
 constexpr int unroll_i8() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
 
-// Rows [n0, n1) of y for the M (<= 8) rows of x.
+// Weights with a scale per group of G = 32 entries along K (an LM head's: see lmforge/quantize.py) instead
+// of one per row: K is a multiple of G and G divides QB, so each group's integer sum (two steps of 16) is
+// scaled by its weight scale into fp32 sums (two, alternating, to halve the dependency chain), and each
+// block's sums by the block's x scale. No tail: every row is whole groups.
+constexpr int64_t WG = 32;
+static_assert(QB % WG == 0 && WG % (2 * QW) == 0, "a weight group is whole steps of an x block");
+
 template <int M>
-void gemv_range_i8(const int16_t* xq, const float* xs, int64_t blocks, int64_t K, const int8_t* w, int64_t n0,
-                   int64_t n1, const Epilogue& ep) {
+inline void dot_row_i8_grouped(const int16_t* xq, const float* xs, int64_t blocks, int64_t K, const int8_t* w,
+                               const float* wscale, float* out) {
+  vsf acc[M];
+  LMF_UNROLL for (int m = 0; m < M; ++m) acc[m] = szero();
+  const int64_t ahead = std::max<int64_t>(16384, K);
+  for (int64_t b = 0, k0 = 0; b < blocks; ++b, k0 += QB) {
+    const int64_t k1 = std::min(K, k0 + QB);
+    vsf part[2][M];
+    LMF_UNROLL for (int h = 0; h < 2; ++h)
+      LMF_UNROLL for (int m = 0; m < M; ++m) part[h][m] = szero();
+    int h = 0;
+    for (int64_t g = k0; g < k1; g += WG, h ^= 1) {
+      if ((g & 63) == 0) lmf_prefetch(w + ahead + g);
+      vi iacc[M];
+      LMF_UNROLL for (int m = 0; m < M; ++m) iacc[m] = izero();
+      LMF_UNROLL for (int j = 0; j < WG / QW; ++j) {
+        const vi wv = wload16(w + g + j * QW);
+        LMF_UNROLL for (int m = 0; m < M; ++m) iacc[m] = imadd(wv, xq + m * K + g + j * QW, iacc[m]);
+      }
+      const float s = wscale[g / WG];
+      LMF_UNROLL for (int m = 0; m < M; ++m) part[h][m] = sfma(iacc[m], s, part[h][m]);
+    }
+    LMF_UNROLL for (int m = 0; m < M; ++m) acc[m] = sfmaf(vadd_s(part[0][m], part[1][m]), xs[m * blocks + b], acc[m]);
+  }
+  LMF_UNROLL for (int m = 0; m < M; ++m) out[m] = ssum(acc[m]);
+}
+
+// Rows [n0, n1) of y for the M (<= 8) rows of x; `groups` (N, K / WG) holds the weights' group scales, or is
+// null (the epilogue applies the per-row scale).
+template <int M>
+void gemv_range_i8(const int16_t* xq, const float* xs, int64_t blocks, int64_t K, const int8_t* w, const float* groups,
+                   int64_t n0, int64_t n1, const Epilogue& ep) {
   float out[M];
   for (int64_t n = n0; n < n1; ++n) {
-    dot_row_i8<M, unroll_i8<M>()>(xq, xs, blocks, K, w + n * K, out);
+    if (groups)
+      dot_row_i8_grouped<M>(xq, xs, blocks, K, w + n * K, groups + n * (K / WG), out);
+    else
+      dot_row_i8<M, unroll_i8<M>()>(xq, xs, blocks, K, w + n * K, out);
     for (int m = 0; m < M; ++m) ep.store(m, n, out[m]);
   }
 }
 
 // x rows [0, M) starting at xq / xs (M <= 8).
 inline void gemv_rows_i8(const int16_t* xq, const float* xs, int64_t blocks, int64_t M, int64_t K, const int8_t* w,
-                         int64_t n0, int64_t n1, const Epilogue& ep) {
+                         const float* groups, int64_t n0, int64_t n1, const Epilogue& ep) {
   switch (M) {
-    case 1: return gemv_range_i8<1>(xq, xs, blocks, K, w, n0, n1, ep);
-    case 2: return gemv_range_i8<2>(xq, xs, blocks, K, w, n0, n1, ep);
-    case 3: return gemv_range_i8<3>(xq, xs, blocks, K, w, n0, n1, ep);
-    case 4: return gemv_range_i8<4>(xq, xs, blocks, K, w, n0, n1, ep);
-    case 5: return gemv_range_i8<5>(xq, xs, blocks, K, w, n0, n1, ep);
-    case 6: return gemv_range_i8<6>(xq, xs, blocks, K, w, n0, n1, ep);
-    case 7: return gemv_range_i8<7>(xq, xs, blocks, K, w, n0, n1, ep);
-    default: return gemv_range_i8<8>(xq, xs, blocks, K, w, n0, n1, ep);
+    case 1: return gemv_range_i8<1>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    case 2: return gemv_range_i8<2>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    case 3: return gemv_range_i8<3>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    case 4: return gemv_range_i8<4>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    case 5: return gemv_range_i8<5>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    case 6: return gemv_range_i8<6>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    case 7: return gemv_range_i8<7>(xq, xs, blocks, K, w, groups, n0, n1, ep);
+    default: return gemv_range_i8<8>(xq, xs, blocks, K, w, groups, n0, n1, ep);
   }
 }
 
 // Weight kinds and flags of the entry point (mirrored in lmforge/kernels/__init__.py).
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
-enum { X_BF16 = 1, BIAS_BF16 = 2, NORM_LAYERNORM = 4, NORM_RMSNORM = 8, ACT_GELU_TANH = 16 };
+enum { X_BF16 = 1, BIAS_BF16 = 2, NORM_LAYERNORM = 4, NORM_RMSNORM = 8, ACT_GELU_TANH = 16, W_GROUPS_32 = 32 };
 
 // The norm in front of a projection, fused into it: each row of x normalized in fp32 and rounded to x's
 // dtype, as the separate module's output would be. LayerNorm: (x - mean) / sqrt(var + eps) * g + b;
@@ -552,8 +595,8 @@ void run(const void* x, bool x_bf16, int64_t M, int64_t K, const T* w, int64_t N
   });
 }
 
-void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, int64_t N, const Epilogue& ep,
-            const Norm& norm) {
+void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, const float* groups, int64_t N,
+            const Epilogue& ep, const Norm& norm) {
   std::vector<float> normed;
   x = normalized(x, x_bf16, M, K, norm, normed);
   QuantizedX qx{std::vector<int16_t>(M * K), {}, (K + QB - 1) / QB};
@@ -565,7 +608,7 @@ void run_i8(const void* x, bool x_bf16, int64_t M, int64_t K, const int8_t* w, i
       quantize_row(static_cast<const float*>(x) + m * K, K, qx.q.data() + m * K, qx.scale.data() + m * qx.blocks);
   }
   tiled(M, N, K, ep, [&](int64_t m0, int64_t m, int64_t n0, int64_t n1, const Epilogue& e) {
-    gemv_rows_i8(qx.q.data() + m0 * K, qx.scale.data() + m0 * qx.blocks, qx.blocks, m, K, w, n0, n1, e);
+    gemv_rows_i8(qx.q.data() + m0 * K, qx.scale.data() + m0 * qx.blocks, qx.blocks, m, K, w, groups, n0, n1, e);
   });
 }
 
@@ -601,8 +644,8 @@ PyObject* without_gil(const char* name, const Work& work) {
 }
 
 // gemv(kind, flags, x, w, scale, bias, residual, y, M, K, N, norm_weight, norm_bias, norm_eps): addresses as
-// ints, 0 for "none". y (M, N) and residual have x's dtype; scale is fp32 (N,) for int8 weights; the norm's
-// weight and bias (flags NORM_*) have x's dtype.
+// ints, 0 for "none". y (M, N) and residual have x's dtype; scale is fp32 for int8 weights: (N,), or with
+// W_GROUPS_32 (N, K / 32) (K a multiple of 32); the norm's weight and bias (flags NORM_*) have x's dtype.
 PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t v[13];
   double eps;
@@ -615,11 +658,20 @@ PyObject* gemv_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
               reinterpret_cast<const void*>(v[6]), reinterpret_cast<void*>(v[7]), x_bf16, N, bool(flags & ACT_GELU_TANH)};
   const Norm norm{flags & (NORM_LAYERNORM | NORM_RMSNORM), reinterpret_cast<const void*>(v[11]),
                   reinterpret_cast<const void*>(v[12]), float(eps)};
+  const float* groups = nullptr;  // group scales are applied inside the products, not by the epilogue
+  if (flags & W_GROUPS_32) {
+    if (kind != W_I8 || K % WG) {
+      PyErr_SetString(PyExc_ValueError, "gemv: group scales need int8 weights and K a multiple of 32");
+      return nullptr;
+    }
+    groups = ep.scale;
+    ep.scale = nullptr;
+  }
   if (M <= 0 || N <= 0) Py_RETURN_NONE;
   return without_gil("gemv", [&] {
     if (kind == W_F32) run(x, x_bf16, M, K, static_cast<const float*>(w), N, ep, norm);
     else if (kind == W_BF16) run(x, x_bf16, M, K, static_cast<const uint16_t*>(w), N, ep, norm);
-    else run_i8(x, x_bf16, M, K, static_cast<const int8_t*>(w), N, ep, norm);
+    else run_i8(x, x_bf16, M, K, static_cast<const int8_t*>(w), groups, N, ep, norm);
   });
 }
 
