@@ -31,7 +31,9 @@ def _quantization(qc: dict | None) -> str:
     if not isinstance(qc, dict) or qc.get("quant_method") != "lmforge":
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         return f"{method} (not loadable by lmforge)"
-    return (f"{qc.get('weight_dtype')} weight-only, {str(qc.get('granularity')).replace('_', '-')} scales "
+    head = qc.get("lm_head_group_size")
+    head = f", LM head per group of {head}" if head else ""
+    return (f"{qc.get('weight_dtype')} weight-only, {str(qc.get('granularity')).replace('_', '-')} scales{head} "
             f"(lmforge format {qc.get('format_version')})")
 
 
