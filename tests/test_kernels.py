@@ -256,6 +256,44 @@ def test_bound_gemv_adds_into_the_residual_in_place(compiled):
     assert compiled.counts["gemv"] == calls
 
 
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_a_planned_gemv_reads_its_tensors_at_each_call(use_kernels, request):
+    spy = request.getfixturevalue("compiled" if use_kernels else "no_kernels")
+    x, w, b, r = inputs(torch.float32, 1, 40, 24, True, True, seed=2)
+    x, r = x.view(-1), r.view(-1)
+    g = kernels.bind(w, b)
+    out, h = torch.empty(40), r.clone()
+    project, accumulate = g.plan(x, out), g.plan(x, h, residual=h)  # the second adds into h in place
+    for _ in range(3):
+        x.copy_(torch.randn(24))  # the caller rewrites its buffers between calls
+        expected_h = g(x, h)
+        assert project() is out and torch.equal(out, g(x))
+        assert accumulate() is h and torch.equal(h, expected_h)
+    if use_kernels:
+        assert spy.counts["gemv"] == 4 * 3
+
+
+def test_a_planned_attention_writes_the_cache_and_checks_its_range(compiled):
+    keys, values = torch.zeros(2, 10, 8), torch.zeros(2, 10, 8)
+    attend = kernels.OneQueryAttention(keys, values, 4, 0.5)
+    q, k, v, y = torch.empty(4, 8), torch.empty(2, 8), torch.empty(2, 8), torch.empty(4, 8)
+    run = attend.plan(q, k, v, y)
+    for n in range(10):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape))
+        assert run(0, n + 1) is y
+        assert torch.equal(keys[:, n], k) and torch.equal(values[:, n], v)
+        assert torch.allclose(y.double(), attention_oracle(q, keys, values, 0, n + 1, 0.5), atol=1e-5)
+    assert compiled.counts["attend"] == 10
+    with pytest.raises(ValueError, match="outside the cache"):
+        run(0, 11)
+    # where the kernel does not apply (a non-contiguous query), the plan runs the torch path into y
+    strided = q.t().contiguous().t()
+    fallback = attend.plan(strided, k, v, y)
+    assert fallback(0, 3) is y and compiled.counts["attend"] == 10
+    assert torch.allclose(y.double(), attention_oracle(q, keys, values, 0, 3, 0.5), atol=1e-5)
+
+
 def test_the_torch_path_gives_the_same_results(no_kernels):
     assert not kernels.available()
     assert "LMFORGE_KERNELS=0" in kernels.why_unavailable()

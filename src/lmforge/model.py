@@ -407,22 +407,30 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(qk, *rope).split((H, KV), dim=dim)
         return q, k, v
 
-    def row_step(self, kv_cache: KVCache, norm: nn.Module) -> RowStep:
-        """x, rope -> x + MultiHead(norm(x)) for one token of one sequence (cache row 0) on vectors: the
-        equations of forward with the fewest operations (see GPT.row_step), one query attending to
-        the filled cache (its last `sliding_window` positions), y_h = softmax(q_h K_h^T * scale) V_h."""
-        H, KV, D, scale, window = self.n_head, self.n_kv_head, self.head_dim, self.scale, self.window
-        qkv_proj, out_proj = _row_linear(self.c_attn, norm=_fused_norm(norm)), _row_linear(self.c_proj)
-        rotate = self._rotate
+    def row_step(self, kv_cache: KVCache, norm: nn.Module, x: torch.Tensor) -> RowStep:
+        """rope -> x += MultiHead(norm(x)) for one token of one sequence (cache row 0) on the vector x
+        (C,), the step's residual stream: the equations of forward with the fewest operations (see
+        GPT.row_step), one query attending to the filled cache (its last `sliding_window` positions),
+        y_h = softmax(q_h K_h^T * scale) V_h."""
+        H, KV, D, window = self.n_head, self.n_kv_head, self.head_dim, self.window
         keys, values = kv_cache.k[self.layer_idx, 0], kv_cache.v[self.layer_idx, 0]  # (KV, max_length, D)
-        attend = OneQueryAttention(keys, values, H, scale)
+        qkv = torch.empty(H + 2 * KV, D, dtype=x.dtype, device=x.device)  # this layer's buffers, reused every step
+        y = torch.empty(H * D, dtype=x.dtype, device=x.device)  # Concat(head_1..head_h)
+        q, k, v = qkv.split((H, KV, KV))
+        project = _row_linear(self.c_attn, norm=_fused_norm(norm)).plan(x, qkv.view(-1))
+        attend = OneQueryAttention(keys, values, H, self.scale).plan(q, k, v, y.view(H, D))  # writes k, v at n
+        output = _row_linear(self.c_proj).plan(y, x, residual=x)  # x += y W^O (+ b), in place
+        qk_norm, rotate = self.qk_norm, self._rotate
 
-        def step(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        def step(rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
             n = kv_cache.length
-            q, k, v = rotate(qkv_proj(x).view(H + 2 * KV, D), rope, dim=0)
-            start = 0 if window is None else max(0, n + 1 - window)
-            y = attend(q, start, n + 1, k, v).view(H * D)  # writes k, v at n; Concat(head_1..head_h)
-            return out_proj(y, x, out=x)  # x is the step's own buffer
+            project()
+            if rope is not None or qk_norm:  # q and k rewritten in place
+                rotated_q, rotated_k, _ = rotate(qkv, rope, dim=0)
+                q.copy_(rotated_q)
+                k.copy_(rotated_k)
+            attend(0 if window is None else max(0, n + 1 - window), n + 1)
+            return output()
 
         return step
 
@@ -522,22 +530,24 @@ class MLP(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         return self.act(gate) * up
 
-    def row_step(self, norm: nn.Module) -> RowStep:
-        """x -> x + MLP(norm(x)) on (C,) vectors (see GPT.row_step)."""
+    def row_step(self, norm: nn.Module, x: torch.Tensor) -> RowStep:
+        """() -> x += MLP(norm(x)) on the (C,) vector x (see GPT.row_step)."""
         act, gated = self.act.forward, self.gated
         # GPT-2's GELU runs inside the kernel, on each tile of c_fc's output as it is written
         fused = not gated and isinstance(self.act, nn.GELU) and self.act.approximate == "tanh"
         fc = _row_linear(self.c_fc, _fused_norm(norm), Activation("gelu_tanh", act) if fused else None)
-        proj = _row_linear(self.c_proj)
+        h = torch.empty(self.c_fc.out_features, dtype=x.dtype, device=x.device)  # reused every step
+        a = h if fused else torch.empty(self.c_proj.in_features, dtype=x.dtype, device=x.device)  # act(h)
+        expand, project = fc.plan(x, h), _row_linear(self.c_proj).plan(a, x, residual=x)
+        gate, up = h.chunk(2) if gated else (h, None)
 
-        def step(x: torch.Tensor) -> torch.Tensor:
-            h = fc(x)
+        def step() -> torch.Tensor:
+            expand()
             if gated:
-                gate, up = h.chunk(2)
-                h = act(gate).mul_(up)
+                torch.mul(act(gate), up, out=a)
             elif not fused:
-                h = act(h)
-            return proj(h, x, out=x)
+                a.copy_(act(h))
+            return project()
 
         return step
 
@@ -557,12 +567,14 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), mask, is_causal, kv_cache, rope)
         return x + self.mlp(self.ln_2(x))
 
-    def row_step(self, kv_cache: KVCache) -> Callable[..., torch.Tensor]:
-        """x, rope -> the block's output for one token of one sequence, on vectors (see GPT.row_step)."""
-        attn, mlp = self.attn.row_step(kv_cache, self.ln_1), self.mlp.row_step(self.ln_2)
+    def row_step(self, kv_cache: KVCache, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """rope -> the block's output for one token of one sequence, written over the vector x (see
+        GPT.row_step)."""
+        attn, mlp = self.attn.row_step(kv_cache, self.ln_1, x), self.mlp.row_step(self.ln_2, x)
 
-        def step(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-            return mlp(attn(x, rope))
+        def step(rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+            attn(rope)
+            return mlp()
 
         return step
 
@@ -756,8 +768,11 @@ class GPT(nn.Module):
         Equal to forward up to float rounding (tested); use it where supports_row_decoding() says so.
         """
         t, n_positions = self.transformer, self.config.n_positions
-        blocks = [block.row_step(kv_cache) for block in t.h]
         wte, head = t.wte.weight, _row_linear(self.lm_head, _fused_norm(t.ln_f))
+        # The residual stream: one vector that every block rewrites in place; each layer's own vectors are
+        # buffers too, so the kernels' calls are planned once here (lmforge.kernels.Gemv.plan).
+        x = torch.empty(self.config.n_embd, dtype=wte.dtype, device=wte.device)
+        blocks = [block.row_step(kv_cache, x) for block in t.h]
         wpe = t.wpe.weight if self.config.positions == "learned" else None
         inv_freq = None if wpe is not None else self.rope_frequencies(wte.device)
 
@@ -767,14 +782,15 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache is full: {n + 1} positions needed, {kv_cache.max_length} allocated")
             if n >= n_positions:
                 raise ValueError(f"sequence length {n + 1} exceeds the model's context n_positions={n_positions}")
-            x, rope = wte[token].view(-1), None
+            rope = None
             if wpe is not None:
-                x = x + wpe[n]
+                torch.add(wte[token].view(-1), wpe[n], out=x)
             else:
+                x.copy_(wte[token].view(-1))
                 position = torch.full((1, 1), n, device=x.device)
                 rope = tuple(t.view(-1) for t in rope_cos_sin(inv_freq, position, x.dtype))
             for block in blocks:
-                x = block(x, rope)
+                block(rope)
             kv_cache.advance(1)
             return head(x)
 

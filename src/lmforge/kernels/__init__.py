@@ -167,6 +167,34 @@ class Gemv:
                 ops.gemv(kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
                          y.data_ptr(), x.numel() // k, k, self._n, norm_w, norm_b, eps)
                 return y
+        return self._torch(x, residual, out)
+
+    def plan(self, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+        """This call with fixed tensors, checked once: a function of no arguments that computes
+        out = act(norm(x) @ W^T ...) (+ residual) from x's values at the time of each call (the caller
+        rewrites x and residual in place between calls; `residual` may be `out`). A decode step's
+        vectors are its own buffers, so its calls skip the per-call checks and the output allocation
+        (about 10 of a small call's 13 us). Runs __call__ wherever the kernel does not apply."""
+        ops, k = self._ops, self._k
+        shape = (*x.shape[:-1], self._n)
+        x_flags = self._x_flags.get(x.dtype)
+        if (ops is None or x_flags is None or self._grad or not (x.is_cpu and x.is_contiguous() and x.dim() > 0)
+                or x.shape[-1] != k or x.numel() > self._limit or out is x or not _fits(out, x.dtype, shape)
+                or (residual is not None and (self.activation is not None or not _fits(residual, x.dtype, shape)))):
+            return lambda: self(x, residual, out=out)
+        kind, flags, w, s, b, norm_w, norm_b, eps = self._args
+        args = (kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
+                out.data_ptr(), x.numel() // k, k, self._n, norm_w, norm_b, eps)
+        gemv, keep = ops.gemv, (x, residual)  # the closure keeps the tensors whose addresses it holds
+
+        def run() -> torch.Tensor:
+            gemv(*args)
+            return out
+
+        run.tensors = keep
+        return run
+
+    def _torch(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm.apply(x)
         inner = residual if self.activation is None else None  # with an activation, added after it
@@ -221,7 +249,33 @@ class OneQueryAttention:
             ops.attend(bf16, q.data_ptr(), kp, vp, 0 if k is None else k.data_ptr(), 0 if v is None else v.data_ptr(),
                        y.data_ptr(), h, kv, length, d, start, end, self.scale)
             return y
+        return self._torch(q, start, end, k, v)
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        """This call with fixed tensors, checked once: a function (start, end) that writes the new key
+        and value (k, v: (n_kv_heads, head_dim)) at end - 1 and the attention of q over [start, end)
+        into y (n_head, head_dim), from their values at the time of each call (see Gemv.plan)."""
+        ops, keys = self._ops, self.keys
         d = keys.shape[2]
+        tensors = (q, k, v, y)
+        if ops is None or not all(t.dtype is keys.dtype and t.is_cpu and t.is_contiguous() for t in tensors) or not (
+                q.numel() == y.numel() == self.n_head * d and k.numel() == v.numel() == keys.shape[0] * d):
+            return lambda start, end: y.copy_(self(q, start, end, k, v).view_as(y))
+        bf16, kp, vp, h, kv, length, _ = self._args
+        head, tail = (bf16, q.data_ptr(), kp, vp, k.data_ptr(), v.data_ptr(), y.data_ptr(), h, kv, length, d), self.scale
+        attend = ops.attend
+
+        def run(start: int, end: int) -> torch.Tensor:
+            if not 0 <= start < end <= length:
+                raise ValueError(f"attention over positions [{start}, {end}) outside the cache's {length}")
+            attend(*head, start, end, tail)
+            return y
+
+        run.tensors = tensors
+        return run
+
+    def _torch(self, q, start, end, k, v):
+        keys, d = self.keys, self.keys.shape[2]
         if k is not None:
             keys[:, end - 1] = k.view(keys.shape[0], d)
             self.values[:, end - 1] = v.view(keys.shape[0], d)
