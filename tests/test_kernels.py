@@ -271,6 +271,15 @@ def test_a_planned_gemv_reads_its_tensors_at_each_call(use_kernels, request):
         assert accumulate() is h and torch.equal(h, expected_h)
     if use_kernels:
         assert spy.counts["gemv"] == 4 * 3
+    # trainable weights: the kernel under no_grad / inference_mode, torch's autograd path otherwise
+    trainable = kernels.bind(torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone()))
+    run = trainable.plan(x, out)
+    with torch.no_grad():
+        assert torch.equal(run(), g(x))
+    if use_kernels:
+        assert spy.counts["gemv"] == 4 * 3 + 2
+    y = run()
+    assert y.requires_grad and torch.allclose(y, g(x).detach(), atol=1e-5)
 
 
 def test_a_planned_attention_writes_the_cache_and_checks_its_range(compiled):

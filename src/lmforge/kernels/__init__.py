@@ -178,7 +178,7 @@ class Gemv:
         ops, k = self._ops, self._k
         shape = (*x.shape[:-1], self._n)
         x_flags = self._x_flags.get(x.dtype)
-        if (ops is None or x_flags is None or self._grad or not (x.is_cpu and x.is_contiguous() and x.dim() > 0)
+        if (ops is None or x_flags is None or x.requires_grad or not (x.is_cpu and x.is_contiguous() and x.dim() > 0)
                 or x.shape[-1] != k or x.numel() > self._limit or out is x or not _fits(out, x.dtype, shape)
                 or (residual is not None and (self.activation is not None or not _fits(residual, x.dtype, shape)))):
             return lambda: self(x, residual, out=out)
@@ -186,8 +186,11 @@ class Gemv:
         args = (kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
                 out.data_ptr(), x.numel() // k, k, self._n, norm_w, norm_b, eps)
         gemv, keep = ops.gemv, (x, residual)  # the closure keeps the tensors whose addresses it holds
+        grad, grad_enabled = self._grad, torch.is_grad_enabled
 
         def run() -> torch.Tensor:
+            if grad and grad_enabled():  # trainable weights with autograd on: torch records the product
+                return self(x, residual, out=out)
             gemv(*args)
             return out
 
