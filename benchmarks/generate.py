@@ -160,10 +160,10 @@ def measure_speed(models: dict, ids: torch.Tensor, long_ids: torch.Tensor | None
             times[engine]["full"].append(run_once(engine, model, ids, new_tokens))
             if long_ids is not None:
                 times[engine]["long"].append(run_once(engine, model, long_ids, 1))
-        if llama is not None:
-            llama_runs.append(llamacpp.bench(llama["gguf"], llama["threads"], n_gen=new_tokens,
-                                             n_prompt=0 if long_ids is None else long_ids.size(1), repetitions=1,
-                                             llama=llama["found"]))
+            if engine == "lmforge" and llama is not None:  # right after lmforge's: the host drifts by the minute
+                llama_runs.append(llamacpp.bench(llama["gguf"], llama["threads"], n_gen=new_tokens,
+                                                 n_prompt=0 if long_ids is None else long_ids.size(1),
+                                                 repetitions=1, llama=llama["found"]))
     out = {}
     for engine, t in times.items():
         first, full = statistics.median(t["first"]), statistics.median(t["full"])
