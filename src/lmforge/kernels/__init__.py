@@ -155,19 +155,26 @@ class Gemv:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """`out` (optional, the output's shape and x's dtype, not x itself) receives the result; it may be
         `residual` itself, which then becomes residual += x @ W^T (+ bias) in place, with no allocation."""
-        ops, k = self._ops, self._k
-        x_flags = self._x_flags.get(x.dtype)
-        if (ops is not None and x_flags is not None and x.is_cpu and x.is_contiguous() and x.dim() > 0 and x.shape[-1] == k
-                and x.numel() <= self._limit and not ((self._grad or x.requires_grad) and torch.is_grad_enabled())):
-            shape = (*x.shape[:-1], self._n)
-            if ((residual is None or (self.activation is None and _fits(residual, x.dtype, shape)))
-                    and (out is None or (out is not x and _fits(out, x.dtype, shape)))):
-                kind, flags, w, s, b, norm_w, norm_b, eps = self._args
-                y = torch.empty(shape, dtype=x.dtype) if out is None else out
-                ops.gemv(kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
-                         y.data_ptr(), x.numel() // k, k, self._n, norm_w, norm_b, eps)
-                return y
+        if self._applies(x, residual, out) and not ((self._grad or x.requires_grad) and torch.is_grad_enabled()):
+            y = torch.empty((*x.shape[:-1], self._n), dtype=x.dtype) if out is None else out
+            self._ops.gemv(*self._kernel_args(x, residual, y))
+            return y
         return self._torch(x, residual, out)
+
+    def _applies(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> bool:
+        """Whether the compiled kernel runs this call (autograd aside): x, residual and out as it reads them."""
+        if not (self._ops is not None and x.dtype in self._x_flags and x.is_cpu and x.is_contiguous() and x.dim() > 0
+                and x.shape[-1] == self._k and x.numel() <= self._limit):
+            return False
+        shape = (*x.shape[:-1], self._n)
+        return ((residual is None or (self.activation is None and _fits(residual, x.dtype, shape)))
+                and (out is None or (out is not x and _fits(out, x.dtype, shape))))
+
+    def _kernel_args(self, x: torch.Tensor, residual: torch.Tensor | None, y: torch.Tensor) -> tuple:
+        kind, flags, w, s, b, norm_w, norm_b, eps = self._args
+        return (kind, flags | self._x_flags[x.dtype], x.data_ptr(), w, s, b,
+                0 if residual is None else residual.data_ptr(), y.data_ptr(), x.numel() // self._k, self._k, self._n,
+                norm_w, norm_b, eps)
 
     def plan(self, x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
         """This call with fixed tensors, checked once: a function of no arguments that computes
@@ -175,26 +182,17 @@ class Gemv:
         rewrites x and residual in place between calls; `residual` may be `out`). A decode step's
         vectors are its own buffers, so its calls skip the per-call checks and the output allocation
         (about 10 of a small call's 13 us). Runs __call__ wherever the kernel does not apply."""
-        ops, k = self._ops, self._k
-        shape = (*x.shape[:-1], self._n)
-        x_flags = self._x_flags.get(x.dtype)
-        if (ops is None or x_flags is None or x.requires_grad or not (x.is_cpu and x.is_contiguous() and x.dim() > 0)
-                or x.shape[-1] != k or x.numel() > self._limit or out is x or not _fits(out, x.dtype, shape)
-                or (residual is not None and (self.activation is not None or not _fits(residual, x.dtype, shape)))):
+        if x.requires_grad or not self._applies(x, residual, out):
             return lambda: self(x, residual, out=out)
-        kind, flags, w, s, b, norm_w, norm_b, eps = self._args
-        args = (kind, flags | x_flags, x.data_ptr(), w, s, b, 0 if residual is None else residual.data_ptr(),
-                out.data_ptr(), x.numel() // k, k, self._n, norm_w, norm_b, eps)
-        gemv, keep = ops.gemv, (x, residual)  # the closure keeps the tensors whose addresses it holds
+        gemv, args = self._ops.gemv, self._kernel_args(x, residual, out)
         grad, grad_enabled = self._grad, torch.is_grad_enabled
 
-        def run() -> torch.Tensor:
+        def run() -> torch.Tensor:  # it holds x, residual and out, whose addresses `args` has
             if grad and grad_enabled():  # trainable weights with autograd on: torch records the product
                 return self(x, residual, out=out)
             gemv(*args)
             return out
 
-        run.tensors = keep
         return run
 
     def _torch(self, x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
@@ -274,7 +272,7 @@ class OneQueryAttention:
             attend(*head, start, end, tail)
             return y
 
-        run.tensors = tensors
+        run.tensors = tensors  # held while the plan lives: `head` has their addresses
         return run
 
     def _torch(self, q, start, end, k, v):
@@ -346,7 +344,7 @@ def _torch_int8_linear(x, qweight, scale, bias, residual):
     if qweight.dtype != torch.int8:
         raise ConfigError(f"int8_linear: qweight must be int8, got {qweight.dtype}")
     n, k = qweight.shape
-    if not (tuple(scale.shape) == (n,) or (scale.dim() == 2 and scale.shape[0] == n and 0 < scale.shape[1] <= k
+    if not (tuple(scale.shape) == (n,) or (scale.dim() == 2 and scale.shape[0] == n and 0 < scale.shape[1]
                                            and k % scale.shape[1] == 0)):
         raise ConfigError(f"int8_linear: scale of shape {tuple(scale.shape)} must be ({n},) (one per row) or "
                           f"({n}, groups) with groups dividing {k} (one per group along a row) for qweight of shape "
