@@ -391,6 +391,50 @@ def test_a_packed_pass_equals_each_sequence_run_alone(kind):
     with pytest.raises(ValueError, match="KV cache is full: 20 positions needed, 16 allocated"):
         PackedKVCache([caches[0]], [11])
 
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa-window"])
+def test_decoding_rows_and_packed_chunks_in_one_pass_equal_each_sequence_alone(kind):
+    """A server step in one forward pass: one new token of each of three running rows (left-aligned in a
+    batched cache, garbage past each row's end) led by them, then chunks of two prompts (one with a cached
+    prefix). Each row's hidden state and each chunk's are those of its sequence run alone, and every
+    cache holds the keys/values the sequence alone writes."""
+    model = tiny() if kind == "gpt2" else GPT(preset("llama-baby", vocab_size=61, n_kv_head=2,
+                                                     sliding_window=5)).eval()
+    g = torch.Generator().manual_seed(5)
+    running = [torch.randint(0, 61, (1, n), generator=g) for n in (4, 10, 7)]
+    prompts = [torch.randint(0, 61, (1, n), generator=g) for n in (6, 11)]
+    done = [0, 4]  # the second prompt already holds 4 positions
+    with torch.no_grad():
+        batched = KVCache.for_model(model, batch_size=3, max_length=16)
+        batched.k.normal_(generator=g), batched.v.normal_(generator=g)
+        for r, s in enumerate(running):  # all but the last token cached
+            one = KVCache.for_model(model, 1, 16)
+            model.forward_hidden(s[:, :-1], kv_cache=one)
+            batched.copy_row(r, one)
+        lengths = torch.tensor([s.size(1) - 1 for s in running])
+        caches = [KVCache.for_model(model, 1, 16) for _ in prompts]
+        model.forward_hidden(prompts[1][:, :4], kv_cache=caches[1])
+        chunks = [p.size(1) - d for p, d in zip(prompts, done)]
+        ids = torch.cat([torch.stack([s[0, -1] for s in running])[None]] + [p[:, d:] for p, d in zip(prompts, done)], 1)
+        positions = torch.cat([lengths] + [torch.arange(d, p.size(1)) for p, d in zip(prompts, done)])[None]
+        packed = PackedKVCache(caches, chunks, model.config.sliding_window, rows=RaggedRows(batched, lengths))
+        hidden = model.forward_blocks(ids, positions, None, False, packed)[0]
+        packed.advance()
+        for r, s in enumerate(running):
+            alone = KVCache.for_model(model, 1, 16)
+            torch.testing.assert_close(hidden[r], model.forward_hidden(s, kv_cache=alone)[0, -1], rtol=1e-5, atol=1e-5)
+            n = s.size(1)
+            torch.testing.assert_close(batched.k[:, r, :, :n], alone.k[:, 0, :, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched.v[:, r, :, :n], alone.v[:, 0, :, :n], rtol=1e-5, atol=1e-5)
+        start = len(running)
+        for p, d, t, cache in zip(prompts, done, chunks, caches):
+            alone = KVCache.for_model(model, 1, 16)
+            torch.testing.assert_close(hidden[start: start + t], model.forward_hidden(p, kv_cache=alone)[0, d:],
+                                       rtol=1e-5, atol=1e-5)
+            assert cache.length == p.size(1)
+            torch.testing.assert_close(cache.k[:, :, :, : p.size(1)], alone.k[:, :, :, : p.size(1)], rtol=1e-5, atol=1e-5)
+            start += t
+
 def test_llama_config_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="multiple of n_kv_head"):
         preset("llama-baby", n_kv_head=3)

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from lmforge.cli import build_parser
 from lmforge.errors import ConfigError
 from lmforge.serve import Engine, EngineConfig, Output, SamplingParams
 from lmforge.serve.app import _prometheus
@@ -37,20 +38,21 @@ def spy_on_prefill(engine: Engine) -> list[list[tuple[int, int, int]]]:
     passes: list[list[tuple[int, int, int]]] = []
     forward = engine._forward_chunks
 
-    def spy(plan):
+    def spy(plan, rows=None):
         passes.append([(job.seqs[0].request.id, job.done, take) for job, take in plan])
-        return forward(plan)
+        return forward(plan, rows)
 
     engine._forward_chunks = spy
     return passes
 
 
-@pytest.mark.parametrize("budget", [5, 7, 0])
+@pytest.mark.parametrize("budget, chunk", [(5, 32), (7, 32), (7, 1), (0, 32)])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_chunked_and_packed_prefill_gives_the_tokens_of_generate(name, budget):
+def test_chunked_and_packed_prefill_gives_the_tokens_of_generate(name, budget, chunk):
     """Prompts of different lengths arrive together: with budget 5 or 7 each step decodes the running rows
-    and packs chunks of several prompts into one pass, a long prompt split over many; every request gets
-    what generate() gives alone (greedy and seeded sampling), as with the previous scheduler (budget 0)."""
+    and packs chunks of several prompts into the same pass, a long prompt split over many (with chunk 1,
+    as few prompt tokens beside the decodes as there are running rows); every request gets what
+    generate() gives alone (greedy and seeded sampling), as with the previous scheduler (budget 0)."""
     model = MODELS[name]()
     cases = ["greedy", "seeded sampling with top-k and top-p", "repetition penalty, sampled"]
     jobs = [(case, prompt, 12 + 4 * (i % 3)) for i, (case, prompt) in enumerate(
@@ -58,7 +60,8 @@ def test_chunked_and_packed_prefill_gives_the_tokens_of_generate(name, budget):
     results, done, collector = collectors(len(jobs))
     # No prefix reuse: the repeated prompts are all prefilled, chunked and packed (test_serve_prefix_cache
     # checks reuse with the same schedules).
-    engine = Engine(model, TOK, EngineConfig(max_batch_size=4, max_batched_tokens=budget, prefix_cache_tokens=0))
+    engine = Engine(model, TOK, EngineConfig(max_batch_size=4, max_batched_tokens=budget, prefix_cache_tokens=0,
+                                             prefill_chunk_tokens=chunk))
     passes = spy_on_prefill(engine)
     engine.start()
     try:
@@ -124,17 +127,57 @@ def test_running_rows_keep_decoding_while_a_long_prompt_is_prefilled():
     (dict(max_batched_tokens=8), "must exceed max_batch_size 8"),
     (dict(max_batched_tokens=-1), "max_batched_tokens must be an integer >= 0"),
     (dict(request_timeout=0), "request_timeout must be a number of seconds > 0"),
+    (dict(prefill_chunk_tokens=-1), "prefill_chunk_tokens must be an integer >= 0"),
+    (dict(prefill_chunk_tokens=True), "prefill_chunk_tokens must be an integer, got True"),
 ])
 def test_engine_config_refuses_budgets_and_timeouts_that_cannot_work(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig(**kwargs)
 
 
+def test_beside_running_streams_a_step_takes_a_small_chunk_until_a_queue_forms():
+    """Stall-free steps: with rows decoding and a short queue, a step computes at most
+    max(prefill_chunk_tokens, running rows) prompt tokens beside the decodes, in the same forward pass;
+    with no row running, or with QUEUE_PRESSURE requests waiting, the rest of the budget. The tokens are
+    those of generate() either way. (Steps driven one by one: no engine thread.)"""
+    from lmforge.serve.engine import QUEUE_PRESSURE
+
+    model = tiny_model([TOK.eos_token_id])
+    engine = Engine(model, TOK, EngineConfig(max_batch_size=8, max_batched_tokens=40, prefill_chunk_tokens=3,
+                                             prefix_cache_tokens=0))
+    passes = spy_on_prefill(engine)
+    results, done, collector = collectors(2 + QUEUE_PRESSURE)
+    greedy = dict(temperature=0, ignore_eos=True)
+    long = PROMPTS[3]
+    engine.submit([PROMPTS[0]], SamplingParams(max_tokens=60, **greedy), 1, collector(0))
+    engine._budget_step(40)  # nothing runs: the whole prompt at once
+    assert passes[-1] == [(1, 0, len(PROMPTS[0]))] and engine.num_running == 1
+    engine.submit([long], SamplingParams(max_tokens=4, **greedy), 1, collector(1))
+    for i in range(3):  # one stream runs: 3 prompt tokens a step, beside its decode
+        engine._budget_step(40)
+        assert passes[-1] == [(2, 3 * i, 3)] and engine.num_running == 1
+    for j in range(QUEUE_PRESSURE):  # a queue forms: the rest of the budget (39 tokens) from the next step
+        engine.submit([PROMPTS[1]], SamplingParams(max_tokens=4, **greedy), 1, collector(2 + j))
+    engine._budget_step(40)
+    assert passes[-1] == [(2, 9, 40 - 1)]
+    while engine.num_running or engine.num_waiting or engine.num_prefilling:
+        engine._budget_step(40)
+    assert tokens(results[0]) == reference(model, PROMPTS[0], 60, eos_token_id=[], do_sample=False)
+    assert tokens(results[1]) == reference(model, long, 4, eos_token_id=[], do_sample=False)
+    for j in range(QUEUE_PRESSURE):
+        assert tokens(results[2 + j]) == reference(model, PROMPTS[1], 4, eos_token_id=[], do_sample=False)
+    assert build_parser().parse_args(["serve", "--preset", "tiny"]).prefill_chunk_tokens \
+        == EngineConfig.prefill_chunk_tokens
+    assert build_parser().parse_args(["serve", "--preset", "tiny", "--prefill-chunk-tokens", "0"]
+                                     ).prefill_chunk_tokens == 0
+
+
 def slow(engine: Engine, seconds: float) -> Engine:
-    """Each decode step and each prefill pass takes `seconds` longer (requests overlap in time)."""
+    """Each decode step and each prefill pass (with or without decodes) takes `seconds` longer (requests
+    overlap in time)."""
     step, forward = engine._step, engine._forward_chunks
     engine._step = lambda: (time.sleep(seconds), step())[1]
-    engine._forward_chunks = lambda plan: (time.sleep(seconds), forward(plan))[1]
+    engine._forward_chunks = lambda plan, rows=None: (time.sleep(seconds), forward(plan, rows))[1]
     return engine
 
 

@@ -189,17 +189,25 @@ class RaggedRows:
 
 class PackedKVCache:
     """Chunks of several sequences packed into one row of T tokens (no padding), each sequence with its
-    own one-row KVCache (a server prefilling several prompts in one forward pass).
+    own one-row KVCache (a server prefilling several prompts in one forward pass), optionally led by
+    one new token of each running row of a batched cache (RaggedRows: a server's decode step in the same
+    pass, so each weight is read once per step for decodes and prompts together).
 
     Segment i (t_i tokens after the p_i its cache holds) attends per segment: its queries see the filled
     part of its own cache and, causally, its own chunk (within the last `window` positions where the
     model has a sliding window). So the attention of a packed pass costs sum_i t_i (p_i + t_i), not T^2
     as one block-diagonal mask over the whole row would; the weight products still run on all T tokens
-    at once. Used as forward_blocks' kv_cache (with mask=None); advance() once all layers have run.
+    at once. With `rows`, the row's first rows.n tokens are those decodes: token r is row r's next token
+    (position rows.lengths[r]) and attends to its own row, as RaggedRows' decode step does.
+    Used as forward_blocks' kv_cache (with mask=None); advance() once all layers have run (the caller
+    advances the running rows' lengths).
     """
 
-    def __init__(self, caches: list[KVCache], lengths: list[int], window: int | None = None) -> None:
-        self.caches, self.lengths = caches, lengths
+    def __init__(self, caches: list[KVCache], lengths: list[int], window: int | None = None,
+                 rows: RaggedRows | None = None) -> None:
+        self.caches, self.lengths, self.rows = caches, lengths, rows
+        self.decodes = 0 if rows is None else rows.index.numel()
+        self.rows_mask = None if rows is None else rows.mask(window)
         self.masks: list[torch.Tensor | None] = []  # per segment; None: plain causal (is_causal)
         for cache, t in zip(caches, lengths):
             p = cache.length
@@ -221,7 +229,13 @@ class PackedKVCache:
     ) -> torch.Tensor:
         """q: (1, H, T, D), k and v: (1, KV, T, D) of the packed row; writes each segment's keys/values
         into its cache and returns attention(q_i, K_i, V_i, mask_i, causal_i) of all segments, (1, H, T, D)."""
-        out, start = [], 0
+        out, start = [], self.decodes
+        if self.rows is not None:  # (1, H, n, D) -> one query per row, (n, H, 1, D), and back
+            n = self.decodes
+            keys, values = self.rows.update(layer, k[0, :, :n].transpose(0, 1)[:, :, None],
+                                            v[0, :, :n].transpose(0, 1)[:, :, None])
+            y = attention(q[0, :, :n].transpose(0, 1)[:, :, None], keys, values, self.rows_mask, False)
+            out.append(y[:, :, 0].transpose(0, 1)[None])
         for cache, t, mask in zip(self.caches, self.lengths, self.masks):
             p, end = cache.length, start + t
             cache.k[layer, :, :, p: p + t] = k[:, :, start:end]
@@ -229,7 +243,7 @@ class PackedKVCache:
             keys, values = cache.k[layer, :, :, : p + t], cache.v[layer, :, :, : p + t]
             out.append(attention(q[:, :, start:end], keys, values, mask, mask is None))
             start = end
-        return torch.cat(out, dim=2)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
     def advance(self) -> None:
         """Mark every segment's chunk as filled in its cache."""

@@ -48,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "of waiting prompts (several batched, a long one split over steps); must exceed "
                         "--max-batch-size, or 0 to prefill each prompt whole and alone "
                         f"(default: {engine['max_batched_tokens']})")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=engine["prefill_chunk_tokens"], metavar="N",
+                   help="while sequences are decoding and fewer than 4 requests wait, a step adds at most "
+                        "max(N, running sequences) prompt tokens to their decodes, so that streams get their "
+                        "tokens at an even pace while long prompts are prefilled; 0: always the whole "
+                        f"--max-batched-tokens (default: {engine['prefill_chunk_tokens']})")
     p.add_argument("--request-timeout", type=float, default=engine["request_timeout"], metavar="SECONDS",
                    help="end a request that has waited and run longer with an error (HTTP 504, or an error "
                         "event in a stream) and free its row (default: no limit)")
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     engine_config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                                  max_queue=args.max_queue, max_batched_tokens=args.max_batched_tokens,
-                                 request_timeout=args.request_timeout, prefix_cache_tokens=args.prefix_cache_tokens)
+                                 request_timeout=args.request_timeout, prefix_cache_tokens=args.prefix_cache_tokens,
+                                 prefill_chunk_tokens=args.prefill_chunk_tokens)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY")  # "" is refused
     server_config = ServerConfig(
         host=args.host, port=args.port, api_key=api_key,

@@ -12,10 +12,13 @@ waits for the slowest member of a batch. The layout is a set of static slots ove
   its position ids count its own tokens. Its logits are therefore those of the sequence decoded alone
   (up to float rounding). Nothing moves when a sequence joins or leaves, however long it is.
 - Each engine step has a token budget (max_batched_tokens, as vLLM's scheduler): every running row
-  decodes one token first, then the rest of the budget goes to waiting prompts in arrival order. A
-  prompt is prefilled in chunks into its own one-row cache (a long one over several steps, holding its
-  rows meanwhile), the chunks of several prompts packed into one forward pass; once complete, it picks
-  its first token and its keys/values are copied into the next free row. max_batched_tokens=0 is the
+  decodes one token first, then the rest of the budget goes to waiting prompts in arrival order, all in
+  one forward pass (model.PackedKVCache led by the running rows). A prompt is prefilled in chunks into
+  its own one-row cache (a long one over several steps, holding its rows meanwhile), the chunks of
+  several prompts packed together; once complete, it picks its first token and its keys/values are
+  copied into the next free row. While rows decode and the queue is short, a step's prompt chunk is
+  kept small (prefill_chunk_tokens) so that streams are not stalled by long prompts (stall-free
+  batching, as Sarathi-Serve); with a queue, the whole budget goes to it. max_batched_tokens=0 is the
   previous scheduler: each new prompt prefilled whole and alone before the decode step.
 - Prefix reuse (prefix_cache_tokens > 0, both schedulers): a completed prompt's one-row cache is kept in
   a PrefixCache (bounded by tokens, LRU); a new prompt starts from a copy of the longest cached prefix
@@ -55,6 +58,10 @@ from lmforge.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("lmforge.serve")
 
+# Waiting requests (not yet prefilling) from which a step spends its whole token budget on prompts,
+# running streams or not (see Engine._prefill_allowance).
+QUEUE_PRESSURE = 4
+
 
 class QueueFullError(LmforgeError):
     """The waiting queue is full; the server answers 429 and the client should retry later."""
@@ -83,7 +90,10 @@ class EngineConfig:
     previous scheduler (each prompt prefilled whole and alone while running rows wait). request_timeout:
     seconds a request may wait and run before it ends with an error (None: no limit).
     prefix_cache_tokens: prompt positions whose keys/values are kept for reuse by prompts that start
-    with the same tokens (least recently used out first; 0: no reuse)."""
+    with the same tokens (least recently used out first; 0: no reuse).
+    prefill_chunk_tokens: while rows decode and fewer than QUEUE_PRESSURE requests wait, a step takes
+    at most max(prefill_chunk_tokens, running rows) prompt tokens beside the decodes (0: always the
+    rest of the budget), so that no step costs much more than a decode step (see _prefill_allowance)."""
 
     max_batch_size: int = 8
     max_model_len: int | None = None
@@ -91,6 +101,7 @@ class EngineConfig:
     max_batched_tokens: int = 256
     request_timeout: float | None = None
     prefix_cache_tokens: int = 2048
+    prefill_chunk_tokens: int = 32
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
@@ -110,6 +121,9 @@ class EngineConfig:
         size = self.prefix_cache_tokens
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ConfigError(f"prefix_cache_tokens must be an integer >= 0 (0: no prefix reuse), got {size!r}")
+        if self.prefill_chunk_tokens < 0:  # its type is checked by @checked
+            raise ConfigError(f"prefill_chunk_tokens must be an integer >= 0 (0: always the whole budget), "
+                              f"got {self.prefill_chunk_tokens!r}")
         timeout = self.request_timeout
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0):
@@ -639,19 +653,32 @@ class Engine:
     # ---- the token-budget scheduler (max_batched_tokens > 0) -------------------------------
 
     def _budget_step(self, budget: int) -> None:
-        """One engine step: decode every running row (n tokens of the budget), then spend the rest on
-        prompt chunks, first come first served; prompts that complete choose their first token and join
-        the running rows for the next step."""
+        """One engine step: every running row decodes one token (n tokens of the budget) and the rest of
+        the budget goes to prompt chunks, first come first served, all in one forward pass (each weight
+        read once for both); prompts that complete choose their first token and join the running rows
+        for the next step."""
         decoded = len(self.rows)
-        if decoded:
-            self._step()
-        plan = self._plan_chunks(budget - decoded)
+        plan = self._plan_chunks(self._prefill_allowance(budget, decoded))
         prefilled = sum(take for _, take in plan)
         if plan:
-            self._run_chunks(plan)
+            self._run_chunks(plan, decode=decoded > 0)
             self.histograms["step_prefill_tokens"].observe(prefilled)
+        elif decoded:
+            self._step()
         self.counters["engine_steps"] += 1
         self.histograms["step_tokens"].observe(decoded + prefilled)
+
+    def _prefill_allowance(self, budget: int, decoded: int) -> int:
+        """Prompt tokens this step may compute beside `decoded` running rows' decodes. With no row running,
+        or with a queue (QUEUE_PRESSURE requests or more waiting for a row), the rest of the budget: time
+        to first token and throughput come first. Otherwise at most max(prefill_chunk_tokens, decoded):
+        each step then costs about as much as a decode step again at most, so the running streams' tokens
+        keep coming at an even pace while a long prompt is prefilled (no stalls)."""
+        room = budget - decoded
+        chunk = self.config.prefill_chunk_tokens
+        if not decoded or not chunk or self._num_waiting_requests() >= QUEUE_PRESSURE:
+            return room
+        return min(room, max(chunk, decoded))
 
     def _plan_chunks(self, budget: int) -> list[tuple[_Prefill, int]]:
         """(prompt, tokens to prefill now) in FIFO order: the prompts already started, then waiting ones
@@ -689,24 +716,32 @@ class Engine:
         self._reuse_prefix(job.prompt, job.cache)  # the engine thread alone touches a job's cache
         return job
 
-    def _run_chunks(self, plan: list[tuple[_Prefill, int]]) -> None:
-        """Prefill the planned chunks; an error fails only the requests whose chunks were in the pass."""
+    def _run_chunks(self, plan: list[tuple[_Prefill, int]], decode: bool = False) -> None:
+        """Prefill the planned chunks, with `decode` the running rows' decode step in the same pass. An
+        error fails the requests whose chunks were in the pass (and, with decode, the running ones)."""
+        rows = self._decode_rows() if decode else None
         try:
-            last_hidden = self._forward_chunks(plan)
+            last_hidden = self._forward_chunks(plan, rows)
         except Exception as e:
-            log.exception("prefill failed")
-            self.counters["scheduler_errors"] += 1
             for job, _ in plan:
                 self._fail(job.seqs[0].request, f"internal error during prefill: {type(e).__name__}: {e}")
             self._drop_prefills(lambda job: job.seqs[0].request.cancelled)
+            if decode:
+                raise  # the scheduler loop fails the running rows and counts the error
+            log.exception("prefill failed")
+            self.counters["scheduler_errors"] += 1
             return
         self.counters["prefill_forwards"] += 1
         self.counters["prefill_tokens"] += sum(take for _, take in plan)
+        n = rows.index.numel() if rows is not None else 0
         complete = [(i, job) for i, (job, _) in enumerate(plan) if job.remaining == 0]
+        with torch.inference_mode():  # the rows' next-token logits, then those of the completed prompts
+            logits = self.model.lm_head(last_hidden[list(range(n)) + [n + i for i, _ in complete]]).float()
+        if rows is not None:
+            self._decoded(logits[:n])
         if not complete:
             return
-        with torch.inference_mode():
-            logits = self.model.lm_head(last_hidden[[i for i, _ in complete]]).float()
+        logits = logits[n:]
         self._drop_prefills(lambda job: job.remaining == 0)
         if self.prefix_cache is not None:
             for _, job in complete:
@@ -723,24 +758,29 @@ class Engine:
                         self._admitting -= 1
 
     @torch.inference_mode()
-    def _forward_chunks(self, plan: list[tuple[_Prefill, int]]) -> torch.Tensor:
-        """One forward pass over the planned chunks; each prompt's cache grows by its chunk. Returns the
-        final hidden state of each chunk's last token, (len(plan), C).
+    def _forward_chunks(self, plan: list[tuple[_Prefill, int]], rows: RaggedRows | None = None) -> torch.Tensor:
+        """One forward pass over the planned chunks (after one token of each running row, with `rows`);
+        each prompt's cache grows by its chunk, each running row by its token. Returns the final hidden
+        state of each running row's token, then of each chunk's last token, (n + len(plan), C).
 
-        One prompt runs in its own cache. Several are packed into one row (no padding) with position ids
-        counting each prompt's own tokens; the weight products run on the whole row, attention per prompt
-        on its own cache (model.PackedKVCache)."""
-        if len(plan) == 1:
+        One prompt alone runs in its own cache. Otherwise the tokens are packed into one row (no padding)
+        with position ids counting each sequence's own tokens; the weight products run on the whole row,
+        attention per sequence on its own cache (model.PackedKVCache)."""
+        if len(plan) == 1 and rows is None:
             job, take = plan[0]
             ids = torch.tensor([job.prompt[job.done: job.done + take]], dtype=torch.long, device=self.device)
             return self.model.forward_hidden(ids, kv_cache=job.cache)[:, -1]
         ids, position, ends = [], [], []
+        if rows is not None:  # the running rows' next tokens at their own positions
+            ids += self.next_tokens[: len(self.rows)].tolist()
+            position += rows.lengths.tolist()
+            ends += range(len(ids))
         for job, take in plan:
             ids += job.prompt[job.done: job.done + take]
             position += range(job.done, job.done + take)
             ends.append(len(ids) - 1)
         packed = PackedKVCache([job.cache for job, _ in plan], [take for _, take in plan],
-                               self.model.config.sliding_window)
+                               self.model.config.sliding_window, rows)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.tensor([position], dtype=torch.long, device=self.device)
         hidden = self.model.forward_blocks(input_ids, positions, None, False, packed)
@@ -788,18 +828,27 @@ class Engine:
             self.rows[r] = self.rows[last]
         self.rows.pop()
 
-    def _step(self) -> None:
-        """One decode step for all running rows, then each row's next token, finish checks, removals."""
-        n = len(self.rows)
-        lengths = self.positions[:n]
+    def _decode_rows(self) -> RaggedRows:
+        """The running rows for a decode step, the cache grown and zeroed as far as the step reads."""
+        lengths = self.positions[: len(self.rows)]
         span = int(lengths.max()) + 1
         self._ensure_capacity(span)
         self._finite(span)
-        rows = RaggedRows(self.cache, lengths)
+        return RaggedRows(self.cache, lengths)
+
+    def _step(self) -> None:
+        """One decode step for all running rows (alone: no prompt chunks in the pass)."""
+        n = len(self.rows)
+        rows = self._decode_rows()
         with torch.inference_mode():
-            hidden = self.model.forward_blocks(self.next_tokens[:n, None], lengths[:, None],
+            hidden = self.model.forward_blocks(self.next_tokens[:n, None], rows.lengths[:, None],
                                                rows.mask(self.model.config.sliding_window), False, rows)
             logits = self.model.lm_head(hidden[:, -1]).float()
+        self._decoded(logits)
+
+    def _decoded(self, logits: torch.Tensor) -> None:
+        """After a decode step: each row's next token from its (n, vocab) logits, finish checks, removals."""
+        n = len(self.rows)
         self.positions[:n] += 1
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += n
