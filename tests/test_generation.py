@@ -291,9 +291,9 @@ def test_kv_cache_is_sized_from_the_request(models, monkeypatch):
     sizes = []
     original = lmforge.KVCache.for_model
 
-    def spy(cls_model, batch_size, max_length=None):
+    def spy(cls_model, batch_size, max_length=None, *rest):
         sizes.append((batch_size, max_length))
-        return original(cls_model, batch_size, max_length)
+        return original(cls_model, batch_size, max_length, *rest)
 
     monkeypatch.setattr(lmforge.KVCache, "for_model", staticmethod(spy))
     model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=True, num_return_sequences=2)

@@ -196,8 +196,9 @@ def test_shapes_1d_and_leading_dimensions(compiled):
     (torch.float32, 13, 70, True),     # fp32: compiled, in blocks of 8 rows (8 + 5), the weights read once
     (torch.float32, 64, 70, True),
     (torch.float32, 65, 70, False),    # beyond 64 rows: torch's GEMM
-    (torch.float32, 16, 1100, True),   # rows longer than 1024: compiled up to 16 rows of x
-    (torch.float32, 17, 1100, False),
+    (torch.float32, 21, 1100, True),   # rows longer than 1024: compiled up to 32 rows of x (8 + 8 + 4 + 1)
+    (torch.float32, 32, 1100, True),
+    (torch.float32, 33, 1100, False),
     (torch.bfloat16, 13, 70, True),    # bf16: compiled
     (torch.bfloat16, 70, 70, False),   # beyond 64 rows: torch (in fp32 where bf16 GEMM is slow)
 ])

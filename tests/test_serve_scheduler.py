@@ -172,6 +172,34 @@ def test_beside_running_streams_a_step_takes_a_small_chunk_until_a_queue_forms()
                                      ).prefill_chunk_tokens == 0
 
 
+@pytest.mark.parametrize("budget", [7, 0])
+def test_prompt_caches_are_left_uninitialised_and_every_position_is_written_before_it_is_read(monkeypatch, budget):
+    """A prompt's one-row cache is not zeroed (tens of megabytes of fresh pages a request): with its
+    memory NaN, chunked, packed, reused and whole prefills still give the tokens of generate()."""
+    from lmforge.model import KVCache
+
+    init = KVCache.__init__
+
+    def nan_filled(self, *args, zeroed=True, **kwargs):
+        init(self, *args, zeroed=zeroed, **kwargs)
+        if not zeroed:
+            self.k.fill_(float("nan")), self.v.fill_(float("nan"))
+
+    monkeypatch.setattr(KVCache, "__init__", nan_filled)
+    model = tiny_model([TOK.eos_token_id])
+    prompts = PROMPTS + [PROMPTS[3] + PROMPTS[1]]  # the last reuses the cached PROMPTS[3]
+    engine = Engine(model, TOK, EngineConfig(max_batch_size=3, max_batched_tokens=budget, prefill_chunk_tokens=1))
+    engine.start()
+    try:
+        for prompt in prompts:
+            [events] = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                                       timeout=60)
+            assert tokens(events) == reference(model, prompt, 6, eos_token_id=[], do_sample=False)
+        assert engine.counters["prefix_cache_hits"] >= 1
+    finally:
+        engine.stop()
+
+
 def slow(engine: Engine, seconds: float) -> Engine:
     """Each decode step and each prefill pass (with or without decodes) takes `seconds` longer (requests
     overlap in time)."""

@@ -43,12 +43,13 @@ _X_FLAGS = {torch.float32: 0, torch.bfloat16: _X_BF16}
 # Up to how many rows of x the compiled kernel runs, measured against torch 2.13 (MKL) on a 2-core AVX2
 # EPYC: the kernel streams each tile of weights from memory once for all rows (blocks of 8 rows reuse it
 # from L2), which beats MKL's GEMM up to 64 rows while 8 rows of x fit in L1 (K <= 1024: GPT-2's
-# projections, and its 50257-row LM head at 1.5-2x); with longer rows (K = 3072) up to 16. torch's bf16
+# projections, and its 50257-row LM head at 1.5-2x); with longer rows (K = 3072, read 4 rows of x at a
+# time) up to 32 (1.2-1.5x MKL at 8-24 rows, even at 32-48, slower at 64). torch's bf16
 # GEMM without AVX512-BF16/AMX is 4-6x slower than its fp32 one, and int8 has no fast torch path, so
 # those run compiled up to 64 rows whatever K (bf16: 8 where the CPU has them). Beyond, the torch path
 # computes in fp32 on such CPUs.
 _ROWS = {0: 64, 1: 64, _INT8: 64}
-_LONG_K, _LONG_K_ROWS = 1024, 16  # fp32 weights with rows longer than _LONG_K: up to 16 rows
+_LONG_K, _LONG_K_ROWS = 1024, 32  # fp32 weights with rows longer than _LONG_K: up to 32 rows
 _FAST_ROWS = 32  # from here on, the CPU torch fallback for bf16 computes in fp32 where bf16 GEMM is slow
 
 

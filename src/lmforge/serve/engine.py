@@ -629,7 +629,7 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
-        cache = self.model.new_kv_cache(1, len(prompt))
+        cache = self.model.new_kv_cache(1, len(prompt), zeroed=False)  # every position written before read
         self._reuse_prefix(prompt, cache)
         ids = torch.tensor([prompt[cache.length:]], dtype=torch.long, device=self.device)
         hidden = self.model.forward_hidden(ids, kv_cache=cache)
@@ -711,7 +711,8 @@ class Engine:
                 return None
             seqs = [self._waiting.popleft() for _ in range(k)]
             self._admitting += k
-            job = _Prefill(seqs, head.prompt, self.model.new_kv_cache(1, len(head.prompt)))
+            # every position is written (by its chunk or a reused prefix) before attention reads it
+            job = _Prefill(seqs, head.prompt, self.model.new_kv_cache(1, len(head.prompt), zeroed=False))
             self._prefilling.append(job)
         self._reuse_prefix(job.prompt, job.cache)  # the engine thread alone touches a job's cache
         return job
