@@ -101,7 +101,7 @@ class EngineConfig:
     max_batched_tokens: int = 256
     request_timeout: float | None = None
     prefix_cache_tokens: int = 2048
-    prefill_chunk_tokens: int = 32
+    prefill_chunk_tokens: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
