@@ -14,7 +14,8 @@ The servers, one at a time, each on a free loopback port, all serving that same 
                  Needs `pip install "transformers[serving]"` (fastapi, uvicorn, openai, accelerate) done
                  beforehand: the script never installs or downloads; without them, or when the server does
                  not come up, its rows are left out and the reason printed. --peers chooses which peers run.
-                 (Checked with transformers 5.24: its /v1/completions takes text prompts only, hence text.)
+                 (Checked with transformers 5.24 and 5.25: its /v1/completions takes text prompts only, hence text;
+                 5.25 streams usage only when asked, with stream_options.include_usage, as OpenAI does.)
 
 The workloads (each request a streamed /v1/completions call with a text prompt, greedy; lmforge is sent
 ignore_eos, transformers serve accepts no such field and may stop early on eos, which counts as complete):
@@ -363,7 +364,7 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 async def stream_one(http, peer: Peer, request: Request) -> Result:
     body = {"model": peer.model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
-            "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}  # usage in streams, as OpenAI asks
     if peer.ignore_eos:
         body["ignore_eos"] = True
     result, finish, done, usage, pieces, last = Result(), None, False, False, [], None

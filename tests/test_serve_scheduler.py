@@ -209,6 +209,46 @@ def slow(engine: Engine, seconds: float) -> Engine:
     return engine
 
 
+def test_a_failed_step_of_decodes_and_chunks_fails_both_and_the_engine_carries_on():
+    """An error in a forward pass that decodes running rows and prefills a chunk: the running request
+    and the prefilling one end with an error, their rows are freed, the error is counted once, and the
+    engine serves the next request as generate() does."""
+    from lmforge.model import PackedKVCache
+
+    model = tiny_model([TOK.eos_token_id])
+    engine = slow(Engine(model, TOK, EngineConfig(max_batch_size=4, max_batched_tokens=40,
+                                                  prefill_chunk_tokens=3)), 0.01).start()
+    events: dict[str, list[Output]] = {"running": [], "prefilling": []}
+    started = threading.Event()
+    forward = model.forward_blocks
+
+    def broken(*args, **kwargs):
+        if isinstance(args[4], PackedKVCache) and args[4].rows is not None:
+            raise RuntimeError("device lost")
+        return forward(*args, **kwargs)
+
+    greedy = dict(temperature=0, ignore_eos=True)
+    try:
+        engine.submit([PROMPTS[0]], SamplingParams(max_tokens=50, **greedy), 1,
+                      lambda o: (events["running"].append(o), started.set()))
+        assert started.wait(30)
+        model.forward_blocks = broken
+        engine.submit([PROMPTS[3]], SamplingParams(max_tokens=4, **greedy), 1, events["prefilling"].append)
+        deadline = time.monotonic() + 30
+        while any(not e or e[-1].error is None for e in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        model.forward_blocks = forward
+        assert events["prefilling"][-1].error == "internal error during prefill: RuntimeError: device lost"
+        assert events["running"][-1].error == "internal error during decoding: RuntimeError: device lost"
+        assert engine.counters["scheduler_errors"] == 1
+        [after] = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=5, **greedy), timeout=30)
+        assert tokens(after) == reference(model, PROMPTS[1], 5, eos_token_id=[], do_sample=False)
+        assert (engine.num_running, engine.num_prefilling, engine.num_waiting, engine._admitting) == (0, 0, 0, 0)
+    finally:
+        model.forward_blocks = forward
+        engine.stop()
+
+
 @pytest.mark.parametrize("budget", [9, 0])
 def test_a_request_past_its_timeout_ends_with_an_error_and_frees_its_row(budget):
     model = tiny_model([TOK.eos_token_id])
