@@ -16,9 +16,10 @@ waits for the slowest member of a batch. The layout is a set of static slots ove
   one forward pass (model.PackedKVCache led by the running rows). A prompt is prefilled in chunks into
   its own one-row cache (a long one over several steps, holding its rows meanwhile), the chunks of
   several prompts packed together; once complete, it picks its first token and its keys/values are
-  copied into the next free row. While rows decode and the queue is short, a step's prompt chunk is
-  kept small (prefill_chunk_tokens) so that streams are not stalled by long prompts (stall-free
-  batching, as Sarathi-Serve); with a queue, the whole budget goes to it. max_batched_tokens=0 is the
+  copied into the next free row. With prefill_chunk_tokens (off by default), while rows decode and the
+  queue is short, a step's prompt chunk is kept small so that streams are not stalled by long prompts
+  (stall-free batching, as Sarathi-Serve), at the cost of those prompts' time to first token; with a
+  queue, the whole budget goes to it. max_batched_tokens=0 is the
   previous scheduler: each new prompt prefilled whole and alone before the decode step.
 - Prefix reuse (prefix_cache_tokens > 0, both schedulers): a completed prompt's one-row cache is kept in
   a PrefixCache (bounded by tokens, LRU); a new prompt starts from a copy of the longest cached prefix
@@ -101,7 +102,7 @@ class EngineConfig:
     max_batched_tokens: int = 256
     request_timeout: float | None = None
     prefix_cache_tokens: int = 2048
-    prefill_chunk_tokens: int = 16
+    prefill_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue"):
