@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
-from lmforge.kernels import int8_linear
+from lmforge.kernels import dequantize_int8, int8_linear
 
 MODES = ("int8",)
 QUANT_METHOD = "lmforge"
@@ -83,10 +83,7 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """q * s as an fp32 (out, in) matrix: the weight this layer multiplies by."""
-        s = self.weight_scale
-        if s.dim() == 1:
-            return self.weight.float() * s[:, None]
-        return (self.weight.float().view(*s.shape, -1) * s[..., None]).view(self.out_features, self.in_features)
+        return dequantize_int8(self.weight, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():

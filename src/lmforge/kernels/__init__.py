@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lmforge.errors import ConfigError
 from lmforge.kernels import _build
 
-__all__ = ["linear", "int8_linear", "bind", "Gemv", "Norm", "Activation", "OneQueryAttention", "available",
+__all__ = ["linear", "int8_linear", "dequantize_int8", "bind", "Gemv", "Norm", "Activation", "OneQueryAttention", "available",
            "why_unavailable"]
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}  # weight kinds of gemv.cpp; int8 is 2
@@ -340,6 +340,14 @@ def _torch_linear(x, weight, bias, residual):
     return y if residual is None else y.add_(residual)
 
 
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q * s as an fp32 (N, K) matrix, for scales (N,) one per row or (N, G) one per group of K / G."""
+    if scale.dim() == 1:
+        return qweight.float() * scale[:, None]
+    n, k = qweight.shape
+    return (qweight.float().view(n, scale.shape[1], -1) * scale[..., None]).view(n, k)
+
+
 def _torch_int8_linear(x, qweight, scale, bias, residual):
     _check(x, qweight, bias, residual, "int8_linear")
     if qweight.dtype != torch.int8:
@@ -356,8 +364,7 @@ def _torch_int8_linear(x, qweight, scale, bias, residual):
     # GEMM is slow without hardware support); scale, bias and residual are applied in fp32.
     compute = torch.float32 if x.is_cpu else x.dtype
     if scale.dim() == 2:  # group scales: the weight is dequantized group by group first
-        w = (qweight.float().view(n, scale.shape[1], -1) * scale[..., None]).view(n, k)
-        y = F.linear(x.to(compute), w.to(compute)).float()
+        y = F.linear(x.to(compute), dequantize_int8(qweight, scale).to(compute)).float()
     else:
         y = F.linear(x.to(compute), qweight.to(compute)).float().mul_(scale)
     if bias is not None:

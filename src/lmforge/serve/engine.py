@@ -677,9 +677,11 @@ class Engine:
         keep coming at an even pace while a long prompt is prefilled (no stalls)."""
         room = budget - decoded
         chunk = self.config.prefill_chunk_tokens
-        if not decoded or not chunk or self._num_waiting_requests() >= QUEUE_PRESSURE:
+        if not decoded or not chunk:
             return room
-        return min(room, max(chunk, decoded))
+        with self._cond:  # submit() appends to the queue from other threads
+            queued = self._num_waiting_requests()
+        return room if queued >= QUEUE_PRESSURE else min(room, max(chunk, decoded))
 
     def _plan_chunks(self, budget: int) -> list[tuple[_Prefill, int]]:
         """(prompt, tokens to prefill now) in FIFO order: the prompts already started, then waiting ones
